@@ -1,0 +1,711 @@
+"""The one typed config of a run: YAML files in configs/ plus dotted overrides `key.sub=value`.
+
+    cfg = load_config("configs/vppo_7b.yaml", ["train.lr=2e-6", "rollout.n=16"])
+    d = derived(cfg, world_size=8)           # prints and returns the derived batch numbers
+    save_resolved(cfg, run_dir)              # run_dir/config.yaml, loadable with load_config
+
+Everything is checked here, before any model is loaded: unknown keys (with the closest valid
+name), value types, ranges, choices, and the divisibility of the batch sizes. The defaults are
+the embedded tiny CPU run (configs/tiny.yaml is the same values written out); `model.path` and
+`data.train` / `data.val` left at None mean "the tiny base / the synthetic set", filled in by the
+training loop.
+
+Units: a "step" is one rollout batch (sample, grade, score, then `optimizer_steps_per_rollout`
+optimizer steps); `global_batch` counts prompts per optimizer step (a mini-batch of
+global_batch * n trajectories); `micro_batch` and `logprob_micro_batch` count trajectories per
+rank per forward/backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+VPPO_PROMPT_SUFFIX = (
+    "You first think through the reasoning process as an internal monologue, enclosed within "
+    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
+)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (shown by --help)."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _f(None, "HF model folder or hub id; null = the tiny base (python -m vppo.tiny)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter / compute dtype")
+    attn_impl: Literal["sdpa", "flash_attention_2", "eager"] = _f(
+        "sdpa", "attention; flash_attention_2 falls back to sdpa when flash-attn is not installed"
+    )
+    gradient_checkpointing: bool = _f(False, "non-reentrant activation checkpointing")
+    liger: bool = _f(False, "apply Liger-Kernel's Qwen2.5-VL patches")
+    freeze_vision: bool = _f(False, "freeze the vision tower (the released recipe trains it)")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _f(None, "parquet file/folder, save_to_disk folder or dataset name; null = synthetic")
+    val: str | None = _f(None, "validation source (same forms); null = synthetic val split")
+    image_dir: str | None = _f(None, "folder that relative image paths are resolved against")
+    problem_key: str = _f("problem", "column with the problem text (with <image> placeholders)")
+    answer_key: str = _f("answer", "column with the ground-truth answer")
+    image_key: str = _f("images", "column with the images")
+    prompt_suffix: str = _f(VPPO_PROMPT_SUFFIX, "appended after the problem text")
+    min_pixels: int = _f(3136, "processor min_pixels (released: 200704 = 256*28*28)")
+    max_pixels: int = _f(50176, "processor max_pixels (released: 1003520 = 1280*28*28)")
+    max_prompt_len: int = _f(512, "prompt tokens after image expansion; longer prompts are dropped")
+    strict: bool = _f(False, "stop on a broken row instead of skipping it")
+    shuffle: bool = _f(True, "shuffle the training set each epoch (seeded)")
+
+
+@dataclass
+class RolloutConfig:
+    n: int = _f(8, "responses per prompt (group size G)")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(0.99, "nucleus sampling; 1.0 = off")
+    top_k: int = _f(0, "top-k sampling; 0 = off")
+    max_response_len: int = _f(64, "max new tokens per response")
+    rollout_batch_size: int = _f(16, "prompts per rollout batch (one training step)")
+    online_filter: bool = _f(False, "DAPO dynamic sampling: drop groups with mean accuracy <= low or >= high")
+    filter_low: float = _f(0.01, "online filter: drop groups with mean accuracy <= this")
+    filter_high: float = _f(0.99, "online filter: drop groups with mean accuracy >= this")
+    filter_max_tries: int = _f(8, "online filter: max generation rounds to fill one rollout batch")
+    val_n: int = _f(8, "validation samples per problem (avg@n)")
+    val_temperature: float = _f(1.0, "validation temperature")
+    val_top_p: float = _f(1.0, "validation top_p")
+    val_top_k: int = _f(50, "validation top_k (0 = off)")
+
+
+@dataclass
+class AlgoConfig:
+    name: Literal["grpo", "dapo", "vppo"] = _f(
+        "vppo", "grpo | dapo | vppo (only vppo runs the dependency passes)"
+    )
+    dependency: Literal["kl", "k3"] = _f(
+        "k3", "token dependency: exact KL (paper) or k3 estimator (released)"
+    )
+    perturbation: Literal["patch_blacken", "noise", "blur", "grey"] = _f(
+        "patch_blacken", "how the perturbed image is made"
+    )
+    patch_size: int = _f(14, "patch_blacken: cell size in pixels of the resized image")
+    patch_prob: float = _f(0.5, "patch_blacken: probability that a cell is blackened")
+    noise_sigma: float = _f(189.0, "noise: Gaussian std on the 0..255 scale")
+    blur_radius: float = _f(6.0, "blur: Gaussian blur radius (std) in pixels")
+    grey_value: int = _f(128, "grey: the uniform grey level 0..255")
+    topk_ratio: float = _f(0.4, "TGF: fraction k of response tokens kept (ceil(k*L)); 1.0 = TGF off")
+    shaping: Literal["none", "released", "global", "static"] = _f(
+        "released",
+        "TAS: none | released (per-rank mini-batch min/max, dynamic b_max per micro-batch) | "
+        "global (min/max/mean over the global batch) | static (paper Eq. 5 with fixed b_max)",
+    )
+    b_min: float = _f(0.9, "TAS floor beta_min")
+    b_max: float | None = _f(None, "TAS beta_max for shaping=static; null = dynamic")
+    adv_eps: float = _f(1e-6, "GRPO advantage: (R - mean) / (std + eps)")
+    clip_low: float = _f(0.2, "PPO clip: ratio >= 1 - clip_low")
+    clip_high: float = _f(0.28, "PPO clip: ratio <= 1 + clip_high (clip-higher)")
+    dual_clip: float | None = _f(3.0, "dual-clip constant c > 1 for negative advantages; null = off")
+    entropy_coef: float = _f(0.06, "entropy penalty coefficient")
+    entropy_mode: Literal["nll", "exact"] = _f(
+        "nll", "nll: mean -logp of the sampled token (released); exact: full entropy"
+    )
+    loss_agg: Literal["token", "seq"] = _f("token", "token-mean over valid tokens or mean of sequence means")
+    kl_coef: float = _f(0.0, "KL-to-reference coefficient (low_var_kl); 0 = no reference model")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, "passes over the training set (ignored when total_steps is set)")
+    total_steps: int | None = _f(40, "training steps (rollout batches); null = derived from epochs")
+    global_batch: int = _f(16, "prompts per optimizer step (mini-batch); trajectories = global_batch * n")
+    micro_batch: int = _f(32, "trajectories per rank per update forward/backward")
+    logprob_micro_batch: int = _f(64, "trajectories per rank per no-grad log-prob / dependency pass")
+    ppo_epochs: int = _f(1, "passes over each rollout batch")
+    lr: float = _f(2e-4, "learning rate (constant)")
+    warmup_steps: int = _f(0, "linear warm-up in optimizer steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas [beta1, beta2]")
+    grad_clip: float | None = _f(1.0, "gradient norm clip; null = off")
+    seed: int = _f(1, "seed of data order, sampling and perturbations")
+    deepspeed: str | None = _f(None, "DeepSpeed JSON (configs/ds_*.json); null = ZeRO-0 with model.dtype")
+    impl: Literal["auto", "triton", "torch"] = _f("auto", "kernel implementation")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("runs/tiny", "run folder: resolved config, metrics, logs, checkpoints")
+    save_every: int = _f(20, "checkpoint every N steps; 0 = only at the end")
+    keep_last: int = _f(2, "checkpoints kept (older ones deleted after a new one is complete)")
+    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir) | never | a checkpoint path")
+    log_every: int = _f(1, "log metrics every N steps")
+    val_every: int = _f(10, "validate every N steps; 0 = off")
+    val_samples: int = _f(128, "validation problems (0 = all)")
+    watchdog_seconds: float = _f(1800.0, "dump all stacks when a phase runs longer than this; 0 = off")
+    export_hf: bool = _f(True, "export the final policy in Hugging Face format")
+    tensorboard: bool = _f(True, "write TensorBoard logs")
+    nvtx: bool = _f(False, "NVTX ranges around each phase")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection: every dotted key with its type, default and help.
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def fields_table() -> dict[str, tuple[Any, Any, str]]:
+    """{"train.lr": (type, default, help), ...} for every leaf key, in declaration order."""
+    out = {}
+    defaults = Config()
+    for sec, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{sec}.{f.name}"] = (
+                hints[f.name],
+                getattr(getattr(defaults, sec), f.name),
+                f.metadata["help"],
+            )
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest valid dotted key, matching whole keys then leaf names."""
+    hit = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not hit:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)
+        hit = [leaves[leaf[0]]] if leaf else difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
+    return f" (did you mean '{hit[0]}'?)" if hit else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: coercion of YAML / command-line values to the declared field types.
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NULL = {"null", "none", "~", ""}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert value (from YAML or a command-line string) to tp, or raise ValueError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        v = value.strip() if isinstance(value, str) else value
+        if v not in choices:
+            raise ValueError(f"{key}: {value!r} is not one of {list(choices)}")
+        return v
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list like [0.9, 0.999], got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if value is None:
+        raise ValueError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        try:
+            f = float(value)  # PyYAML reads 1e-6 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported field type {tp}")  # a bug in this file, not in the input
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _apply(cfg: Config, flat: dict[str, Any], source: str) -> None:
+    table = fields_table()
+    valid = list(table)
+    for key, raw in flat.items():
+        if key not in table:
+            if key in SECTIONS:
+                raise ValueError(f"{source}: '{key}' is a section; set its keys, e.g. '{key}.<name>=...'")
+            raise ValueError(f"{source}: unknown config key '{key}'{_closest(key, valid)}")
+        sec, name = key.split(".", 1)
+        setattr(getattr(cfg, sec), name, _coerce(key, raw, table[key][0]))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-6', ...] -> {'train.lr': value}; values are YAML scalars (strings kept raw)."""
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        # YAML gives ints, bools, nulls and lists; _coerce handles strings for every other type.
+        try:
+            val = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            val = raw
+        if isinstance(val, str) or isinstance(val, dict):
+            val = raw.strip()
+        out[key] = val
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+) -> Config:
+    """Defaults <- YAML file (if any) <- dotted overrides, then validate(cfg, world_size).
+
+    world_size defaults to $WORLD_SIZE (set by torchrun / deepspeed before the process starts),
+    else 1. Raises ValueError naming the field for unknown keys, bad types and bad values.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file not found: {path}")
+        doc = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
+        for sec, val in doc.items():
+            if sec in SECTIONS and not isinstance(val, dict):
+                raise ValueError(f"{path}: section '{sec}' must be a mapping, got {val!r}")
+        _apply(cfg, _flatten(doc), str(path))
+    if overrides:
+        _apply(cfg, parse_overrides(list(overrides)), "override")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size)
+    return cfg
+
+
+def resolve_path(p: str) -> Path:
+    """A path as given, else relative to the repository root (configs/ds_zero2.json from anywhere)."""
+    q = Path(p).expanduser()
+    if q.exists() or q.is_absolute():
+        return q
+    return REPO_ROOT / q if (REPO_ROOT / q).exists() else q
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check(cond: bool, key: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"{key} {msg}, got {value!r}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Ranges, cross-field rules and batch divisibility; raises ValueError naming the field."""
+    m, d, r, a, t, u = cfg.model, cfg.data, cfg.rollout, cfg.algo, cfg.train, cfg.run
+    for key, v in [
+        ("data.min_pixels", d.min_pixels),
+        ("data.max_pixels", d.max_pixels),
+        ("data.max_prompt_len", d.max_prompt_len),
+        ("rollout.n", r.n),
+        ("rollout.max_response_len", r.max_response_len),
+        ("rollout.rollout_batch_size", r.rollout_batch_size),
+        ("rollout.filter_max_tries", r.filter_max_tries),
+        ("rollout.val_n", r.val_n),
+        ("algo.patch_size", a.patch_size),
+        ("train.epochs", t.epochs),
+        ("train.global_batch", t.global_batch),
+        ("train.micro_batch", t.micro_batch),
+        ("train.logprob_micro_batch", t.logprob_micro_batch),
+        ("train.ppo_epochs", t.ppo_epochs),
+    ]:
+        _check(v >= 1, key, "must be >= 1", v)
+    for key, v in [
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.seed", t.seed),
+        ("rollout.top_k", r.top_k),
+        ("rollout.val_top_k", r.val_top_k),
+        ("run.save_every", u.save_every),
+        ("run.val_every", u.val_every),
+        ("run.val_samples", u.val_samples),
+    ]:
+        _check(v >= 0, key, "must be >= 0", v)
+    _check(
+        d.max_pixels >= d.min_pixels,
+        "data.max_pixels",
+        f"must be >= data.min_pixels ({d.min_pixels})",
+        d.max_pixels,
+    )
+    _check(
+        d.min_pixels >= 28 * 28, "data.min_pixels", "must be >= 784 (one 28x28 merged patch)", d.min_pixels
+    )
+    if t.total_steps is not None:
+        _check(t.total_steps >= 1, "train.total_steps", "must be >= 1 or null", t.total_steps)
+    for key, v in [("rollout.temperature", r.temperature), ("rollout.val_temperature", r.val_temperature)]:
+        _check(v > 0, key, "must be > 0", v)
+    for key, v in [("rollout.top_p", r.top_p), ("rollout.val_top_p", r.val_top_p)]:
+        _check(0 < v <= 1, key, "must be in (0, 1]", v)
+    _check(0 <= r.filter_low <= 1, "rollout.filter_low", "must be in [0, 1]", r.filter_low)
+    _check(0 <= r.filter_high <= 1, "rollout.filter_high", "must be in [0, 1]", r.filter_high)
+    _check(
+        r.filter_low < r.filter_high,
+        "rollout.filter_low",
+        f"must be < rollout.filter_high ({r.filter_high})",
+        r.filter_low,
+    )
+    if r.online_filter:
+        _check(
+            r.n >= 2,
+            "rollout.n",
+            "must be >= 2 with rollout.online_filter (a group of one has no spread)",
+            r.n,
+        )
+
+    _check(0 < a.topk_ratio <= 1, "algo.topk_ratio", "must be in (0, 1]", a.topk_ratio)
+    _check(0 <= a.patch_prob <= 1, "algo.patch_prob", "must be in [0, 1]", a.patch_prob)
+    _check(a.noise_sigma >= 0, "algo.noise_sigma", "must be >= 0", a.noise_sigma)
+    _check(a.blur_radius >= 0, "algo.blur_radius", "must be >= 0", a.blur_radius)
+    _check(0 <= a.grey_value <= 255, "algo.grey_value", "must be in [0, 255]", a.grey_value)
+    _check(0 <= a.b_min <= 1, "algo.b_min", "must be in [0, 1]", a.b_min)
+    if a.shaping == "static":
+        _check(
+            a.b_max is not None, "algo.b_max", "must be set (>= algo.b_min) with algo.shaping=static", a.b_max
+        )
+        _check(a.b_max >= a.b_min, "algo.b_max", f"must be >= algo.b_min ({a.b_min})", a.b_max)
+    elif a.b_max is not None:
+        raise ValueError(
+            f"algo.b_max must be null with algo.shaping={a.shaping} (beta_max is dynamic; set "
+            f"algo.shaping=static for a fixed one), got {a.b_max!r}"
+        )
+    if a.name != "vppo" and (a.shaping != "none" or a.topk_ratio != 1.0):
+        raise ValueError(
+            f"algo.name={a.name} has no token dependency: set algo.shaping=none and algo.topk_ratio=1.0 "
+            f"(got algo.shaping={a.shaping}, algo.topk_ratio={a.topk_ratio}) or use algo.name=vppo"
+        )
+    _check(a.adv_eps > 0, "algo.adv_eps", "must be > 0", a.adv_eps)
+    _check(0 <= a.clip_low < 1, "algo.clip_low", "must be in [0, 1)", a.clip_low)
+    _check(a.clip_high >= 0, "algo.clip_high", "must be >= 0", a.clip_high)
+    if a.dual_clip is not None:
+        _check(a.dual_clip > 1, "algo.dual_clip", "must be > 1 or null", a.dual_clip)
+    _check(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0", a.entropy_coef)
+    _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
+
+    _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _check(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        "train.betas",
+        "must be two numbers in [0, 1)",
+        t.betas,
+    )
+    if t.grad_clip is not None:
+        _check(t.grad_clip > 0, "train.grad_clip", "must be > 0 or null", t.grad_clip)
+    if t.deepspeed is not None:
+        _check(
+            resolve_path(t.deepspeed).is_file(),
+            "train.deepspeed",
+            "must be an existing JSON file",
+            t.deepspeed,
+        )
+
+    _check(u.keep_last >= 1, "run.keep_last", "must be >= 1", u.keep_last)
+    _check(u.log_every >= 1, "run.log_every", "must be >= 1", u.log_every)
+    _check(u.watchdog_seconds >= 0, "run.watchdog_seconds", "must be >= 0", u.watchdog_seconds)
+    _check(bool(u.output_dir.strip()), "run.output_dir", "must not be empty", u.output_dir)
+    if u.resume not in ("auto", "never"):
+        _check(
+            Path(u.resume).exists(),
+            "run.resume",
+            "must be auto, never or an existing checkpoint path",
+            u.resume,
+        )
+    _ = m  # model fields are fully checked by their types
+    batch_numbers(cfg, world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived numbers.
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    prompts_per_rollout: int  # prompts sampled per training step
+    samples_per_rollout: int  # trajectories per training step
+    prompts_per_step: int  # prompts per optimizer step (mini-batch)
+    samples_per_step: int  # trajectories per optimizer step
+    optimizer_steps_per_rollout: int  # (rollout batch / global batch) * ppo_epochs
+    rollout_prompts_per_rank: int
+    samples_per_rank_per_step: int  # trajectories per rank per optimizer step
+    grad_accum_per_rank: int  # micro-batches per rank per optimizer step
+    logprob_passes_per_rank: int  # no-grad micro-batches per rank per rollout batch (per pass kind)
+    steps_per_epoch: int | None  # training steps per epoch, when the train-set size is known
+    total_steps: int | None  # training steps of the run, when known
+    total_optimizer_steps: int | None
+
+
+def batch_numbers(cfg: Config, world_size: int = 1, n_train: int | None = None) -> Derived:
+    """The derived batch numbers; raises ValueError naming the fields when sizes do not divide."""
+    r, t = cfg.rollout, cfg.train
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if r.rollout_batch_size % t.global_batch:
+        raise ValueError(
+            f"rollout.rollout_batch_size ({r.rollout_batch_size}) must be a multiple of train.global_batch "
+            f"({t.global_batch}): each rollout batch is split into whole optimizer steps"
+        )
+    if t.global_batch % world_size:
+        raise ValueError(
+            f"train.global_batch ({t.global_batch}) must be a multiple of the world size ({world_size}): "
+            "prompts are sharded across ranks with each group of rollout.n kept whole"
+        )
+    per_rank = t.global_batch * r.n // world_size
+    if per_rank % t.micro_batch:
+        raise ValueError(
+            f"train.micro_batch ({t.micro_batch}) must divide the trajectories per rank per optimizer step "
+            f"(train.global_batch {t.global_batch} * rollout.n {r.n} / world size {world_size} = {per_rank})"
+        )
+    rollout_per_rank = r.rollout_batch_size // world_size
+    steps_per_epoch = total = None
+    if n_train is not None:
+        if n_train < r.rollout_batch_size:
+            raise ValueError(
+                f"the training set ({n_train} prompts) is smaller than rollout.rollout_batch_size "
+                f"({r.rollout_batch_size})"
+            )
+        steps_per_epoch = n_train // r.rollout_batch_size  # the last partial batch is dropped
+    if t.total_steps is not None:
+        total = t.total_steps
+    elif steps_per_epoch is not None:
+        total = steps_per_epoch * t.epochs
+    opt_per_rollout = r.rollout_batch_size // t.global_batch * t.ppo_epochs
+    return Derived(
+        world_size=world_size,
+        prompts_per_rollout=r.rollout_batch_size,
+        samples_per_rollout=r.rollout_batch_size * r.n,
+        prompts_per_step=t.global_batch,
+        samples_per_step=t.global_batch * r.n,
+        optimizer_steps_per_rollout=opt_per_rollout,
+        rollout_prompts_per_rank=rollout_per_rank,
+        samples_per_rank_per_step=per_rank,
+        grad_accum_per_rank=per_rank // t.micro_batch,
+        logprob_passes_per_rank=math.ceil(rollout_per_rank * r.n / t.logprob_micro_batch),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        total_optimizer_steps=None if total is None else total * opt_per_rollout,
+    )
+
+
+def derived(cfg: Config, world_size: int = 1, n_train: int | None = None, *, print_fn=print) -> Derived:
+    """batch_numbers(...) and print them (print_fn=None to stay quiet, e.g. on ranks > 0)."""
+    dv = batch_numbers(cfg, world_size, n_train)
+    if print_fn is not None:
+        print_fn(format_derived(dv, cfg))
+    return dv
+
+
+def format_derived(dv: Derived, cfg: Config) -> str:
+    lines = [
+        f"world size {dv.world_size}",
+        f"per training step: {dv.prompts_per_rollout} prompts x n={cfg.rollout.n} = "
+        f"{dv.samples_per_rollout} samples ({dv.rollout_prompts_per_rank} prompts per rank)",
+        f"per optimizer step: {dv.prompts_per_step} prompts = {dv.samples_per_step} samples "
+        f"({dv.samples_per_rank_per_step} per rank)",
+        f"optimizer steps per rollout batch: {dv.optimizer_steps_per_rollout} "
+        f"(ppo_epochs {cfg.train.ppo_epochs})",
+        f"gradient accumulation per rank: {dv.grad_accum_per_rank} micro-batches of {cfg.train.micro_batch}",
+        f"log-prob passes per rank per step: {dv.logprob_passes_per_rank} micro-batches of "
+        f"{cfg.train.logprob_micro_batch} (per pass kind)",
+    ]
+    if dv.steps_per_epoch is not None:
+        lines.append(f"training steps per epoch: {dv.steps_per_epoch}")
+    if dv.total_steps is not None:
+        lines.append(f"training steps: {dv.total_steps} ({dv.total_optimizer_steps} optimizer steps)")
+    return "derived batch numbers:\n  " + "\n  ".join(lines)
+
+
+def deepspeed_config(cfg: Config, world_size: int = 1, *, with_optimizer: bool = False) -> dict:
+    """The DeepSpeed JSON of train.deepspeed (ZeRO-0 when null) with the batch numbers, gradient
+    clipping and precision filled in from cfg, so the two can never disagree.
+
+    with_optimizer adds an AdamW "optimizer" block from train.* (DeepSpeed then builds its own
+    fused / CPU-offload Adam); leave it off when passing a torch optimizer to deepspeed.initialize.
+    """
+    dv = batch_numbers(cfg, world_size)
+    if cfg.train.deepspeed is None:
+        ds: dict = {"zero_optimization": {"stage": 0}}
+    else:
+        ds = json.loads(resolve_path(cfg.train.deepspeed).read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
+    ds["gradient_accumulation_steps"] = dv.grad_accum_per_rank
+    ds["train_batch_size"] = dv.samples_per_step
+    ds["gradient_clipping"] = cfg.train.grad_clip or 0.0
+    ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
+    ds["fp16"] = {"enabled": cfg.model.dtype == "float16"}
+    if with_optimizer:
+        t = cfg.train
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay},
+        }
+    return ds
+
+
+def resolve_attn_impl(name: str) -> str:
+    """flash_attention_2 when requested and importable, else sdpa (with a warning)."""
+    if name == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            import warnings
+
+            warnings.warn("flash-attn is not installed: falling back to sdpa attention", stacklevel=2)
+            return "sdpa"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and the command line.
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, width=1000)
+
+
+def save_resolved(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Write run_dir/config.yaml (the fully resolved config, loadable with load_config)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def keys_help() -> str:
+    lines = ["config keys (override with key.sub=value):"]
+    for key, (tp, default, help) in fields_table().items():
+        dflt = "null" if default is None else default
+        if isinstance(dflt, str) and len(dflt) > 40:
+            dflt = dflt[:37] + "..."
+        lines.append(f"  {key} ({_type_name(tp)}, default {dflt}): {help}")
+    return "\n".join(lines)
+
+
+def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """argparse with --config FILE and positional key.sub=value overrides; --help lists every key."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", default=None, help="YAML config (default: the tiny CPU run)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.lr=1e-6"
+    )
+    return p
+
+
+def config_from_args(
+    argv: list[str] | None = None, prog: str | None = None, description: str | None = None
+) -> Config:
+    """Parse the command line into a Config; bad keys or values exit with the message (status 2)."""
+    parser = build_parser(prog, description)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        parser.exit(0)
+    return cfg
