@@ -267,6 +267,10 @@ def test_policy_loss_without_dual_clip_and_without_mask():
     loss, stats = policy_loss(logp, _old_logp(), A_SHAPED, None, VALID, LossConfig(entropy_coef=0.0))
     assert loss.item() == pytest.approx((-0.243 - 1.485 + 0.405) / 6, abs=1e-6)
     assert stats["kept_frac"] == 1.0
+    # inside the clip range l1 == l2 (a tie of the max): the full -A' r / 6 flows back
+    loss.backward()
+    assert logp.grad[0, 1].item() == pytest.approx(-1.35 * 1.1 / 6, abs=1e-6)
+    assert logp.grad[3, 0].item() == pytest.approx(0.45 * 0.9 / 6, abs=1e-6)
 
 
 def test_policy_loss_kl_term_and_loss_scale():
