@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +43,32 @@ def build_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def artifact_key(inputs: dict) -> str:
+    """A short stable hash of an artifact's inputs (JSON-serialisable), naming its cache folder."""
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_once(target: Path, build: Callable[[Path], None], marker: str) -> Path:
+    """Build into `target` unless `target/marker` exists; atomic (temp folder + rename) and locked.
+
+    `build(tmp_dir)` writes the artifact, `marker` last. Concurrent callers wait for the first one.
+    """
+    if (target / marker).exists():
+        return target
+    with build_lock(target.parent / f".{target.name}.lock"):
+        if (target / marker).exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            if not (tmp / marker).exists():
+                raise RuntimeError(f"build of {target} did not write {marker}")
+            if target.exists():  # an interrupted earlier build
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

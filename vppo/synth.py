@@ -1,0 +1,313 @@
+"""A synthetic visual-reasoning set: drawn images, short-answer questions that need the image.
+
+    python -m vppo.synth                 # build (or find in the cache) the default set, print a summary
+    python -m vppo.synth --out DIR --seed 1
+
+Five task types, drawn with PIL on small RGB images (84 x 84: a 6 x 6 grid of 14-pixel patches, 9
+image tokens after the 2 x 2 merge), each with difficulty mixed inside it:
+- colour: 1-3 shapes of different kinds and colours, "what colour is the <kind>?";
+- count:  1-6 shapes of one colour among 0-3 of other colours, "how many <colour> shapes?";
+- bars:   3-4 bars of different colours, "which bar is the tallest?" (margins down to 3 pixels);
+- number: a 1- or 2-digit number written at a random place, size and colour;
+- angle:  a triangle drawn with its true angles, two of them written at their corners, "the third
+          angle?" (read two numbers, then subtract: meant to stay hard for a tiny model).
+Rows follow the VPPO training schema (`problem` with one `<image>`, `answer`, `images` as embedded
+PNG bytes) plus `id`, `task` and `response`, a target in the `<think> ... </think> \\boxed{...}` format
+for the supervised warm start. Everything is deterministic in the seed. The best text-only guess
+(the most common train answer of each task type) is measured on val and test, so the set's visual
+dependency is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vppo import paths
+
+SYNTH_VERSION = 1  # bump when the drawing or the questions change: the cache key includes it
+TASKS = ("colour", "count", "bars", "number", "angle")
+SPLITS = ("train", "val", "test")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+KINDS = ("circle", "square", "triangle")
+BACKGROUND = (255, 255, 255)
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    seed: int = 0
+    n_train: int = 6000
+    n_val: int = 256
+    n_test: int = 512
+    size: int = 84  # pixels, a multiple of 28 so no resize happens in the processor
+    tasks: tuple[str, ...] = TASKS
+
+    def __post_init__(self):
+        if self.size % 28 or self.size < 56:
+            raise ValueError(f"size must be a multiple of 28 and at least 56, got {self.size}")
+        unknown = set(self.tasks) - set(TASKS)
+        if not self.tasks or unknown:
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        for name in ("n_train", "n_val", "n_test"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1 - 1), (x0, y1 - 1)], fill=colour)
+
+
+def _cells(rng: np.random.Generator, size: int, n: int, cell: int) -> list[tuple[int, int]]:
+    """Top-left corners of n distinct grid cells, so shapes never touch."""
+    per_side = size // cell
+    picks = rng.choice(per_side * per_side, size=n, replace=False)
+    return [(int(p % per_side) * cell, int(p // per_side) * cell) for p in picks]
+
+
+def _colour_task(rng, size):
+    n = int(rng.integers(1, 4))
+    kinds = [str(k) for k in rng.choice(KINDS, size=n, replace=False)]
+    names = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = size // 3
+    for (x, y), kind, name in zip(_cells(rng, size, n, cell), kinds, names):
+        s = int(rng.integers(cell // 2, cell - 3))
+        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
+        _shape(draw, kind, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[name])
+    target = int(rng.integers(n))
+    kind, answer = kinds[target], names[target]
+    question = f"What colour is the {kind}?"
+    response = f"<think> The {kind} is {answer}. </think> \\boxed{{{answer}}}"
+    return img, question, answer, response
+
+
+def _count_task(rng, size):
+    name = str(rng.choice(list(COLOURS)))
+    n = int(rng.integers(1, 7))
+    others = [c for c in COLOURS if c != name]
+    distract = [str(c) for c in rng.choice(others, size=int(rng.integers(0, 4)))]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = 14
+    spots = _cells(rng, size, n + len(distract), cell)
+    for (x, y), c in zip(spots, [name] * n + distract):
+        s = int(rng.integers(8, 12))
+        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
+        _shape(draw, str(rng.choice(KINDS)), (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[c])
+    question = f"How many {name} shapes are there?"
+    response = f"<think> I count the {name} shapes: {n}. </think> \\boxed{{{n}}}"
+    return img, question, str(n), response
+
+
+def _bars_task(rng, size):
+    k = int(rng.integers(3, 5))
+    names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
+    top = size - 8
+    margin = int(rng.choice([3, 6, 12, 20]))  # small margins make some questions hard
+    tallest = int(rng.integers(30 + margin, top))
+    heights = [int(h) for h in rng.integers(10, tallest - margin + 1, size=k)]
+    winner = int(rng.integers(k))
+    heights[winner] = tallest
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    width = (size - 8) // k
+    for i, (name, h) in enumerate(zip(names, heights)):
+        x0 = 4 + i * width
+        draw.rectangle((x0 + 2, size - 4 - h, x0 + width - 3, size - 5), fill=COLOURS[name])
+    answer = names[winner]
+    question = "Which bar is the tallest? Answer with its colour."
+    response = f"<think> The tallest bar is the {answer} one. </think> \\boxed{{{answer}}}"
+    return img, question, answer, response
+
+
+def _number_task(rng, size):
+    value = int(rng.integers(0, 10)) if rng.random() < 0.5 else int(rng.integers(10, 100))
+    text = str(value)
+    font = _font(int(rng.integers(16, 30)))
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    x = int(rng.integers(2 - x0, size - 2 - x1 + 1))
+    y = int(rng.integers(2 - y0, size - 2 - y1 + 1))
+    colour = tuple(int(v) for v in rng.integers(0, 120, size=3))
+    draw.text((x, y), text, fill=colour, font=font)
+    question = "What number is written in the image?"
+    response = f"<think> The number written is {text}. </think> \\boxed{{{text}}}"
+    return img, question, text, response
+
+
+def _angle_task(rng, size):
+    while True:
+        a, b = (int(v) for v in rng.integers(6, 21, size=2) * 5)  # 30..100 degrees
+        if a + b <= 150:
+            break
+    # Base A-B on the x axis, C where the rays at angles a (at A) and b (at B) meet.
+    ta, tb = math.tan(math.radians(a)), math.tan(math.radians(b))
+    cx = tb / (ta + tb)
+    pts = np.array([[0.0, 0.0], [1.0, 0.0], [cx, cx * ta]])
+    pts -= pts.min(0)
+    label_h = 16  # a strip under the base for the two written angles
+    scale = min((size - 12) / pts[:, 0].max(), (size - 12 - label_h) / pts[:, 1].max())
+    pts = pts * scale + 6
+    pts[:, 1] = size - label_h - pts[:, 1]  # image y grows downwards
+    left, right = a, b
+    if rng.random() < 0.5:
+        pts[:, 0] = size - pts[:, 0]  # mirror: the marked corners swap sides
+        left, right = b, a
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    draw.polygon([tuple(p) for p in pts], outline=(0, 0, 0), width=2)
+    font = _font(12)
+    for p, v in ((pts[0], a), (pts[1], b)):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), str(v), font=font)
+        x = min(max(p[0] - (x0 + x1) / 2, 1 - x0), size - 1 - x1)
+        draw.text((x, p[1] + 3 - y0), str(v), fill=(30, 30, 200), font=font)
+    answer = str(180 - a - b)
+    question = (
+        "Two angles of the triangle are written under its corners, in degrees. What is the third angle?"
+    )
+    response = (
+        f"<think> The angles are {left} and {right}, so the third is 180 - {left} - {right} = {answer}. "
+        f"</think> \\boxed{{{answer}}}"
+    )
+    return img, question, answer, response
+
+
+MAKERS = {
+    "colour": _colour_task,
+    "count": _count_task,
+    "bars": _bars_task,
+    "number": _number_task,
+    "angle": _angle_task,
+}
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def make_split(cfg: SynthConfig, split: str) -> list[dict]:
+    """The rows of one split, deterministic in (cfg.seed, split); tasks cycle so each is equally frequent."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
+    rows = []
+    for i in range(n):
+        task = cfg.tasks[i % len(cfg.tasks)]
+        img, question, answer, response = MAKERS[task](rng, cfg.size)
+        rows.append(
+            {
+                "id": f"{split}-{i}",
+                "problem": f"<image>{question}",
+                "answer": answer,
+                "images": [{"bytes": _png(img), "path": None}],
+                "task": task,
+                "response": response,
+            }
+        )
+    return rows
+
+
+def text_only_baseline(train: list[dict], evaluated: list[dict]) -> dict[str, float]:
+    """Accuracy on `evaluated` of the most common `train` answer of each task type (per task and overall)."""
+    best = {
+        task: Counter(r["answer"] for r in train if r["task"] == task).most_common(1)[0][0]
+        for task in {r["task"] for r in train}
+    }
+    out, hits = {}, []
+    for task in sorted({r["task"] for r in evaluated}):
+        h = [best.get(task) == r["answer"] for r in evaluated if r["task"] == task]
+        out[task] = sum(h) / len(h)
+        hits += h
+    out["all"] = sum(hits) / len(hits)
+    return out
+
+
+def write_synth(cfg: SynthConfig, out: str | Path) -> dict:
+    """Write train / val / test parquet files and meta.json (config, counts, text-only baseline) to `out`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = {split: make_split(cfg, split) for split in SPLITS}
+    for split, r in rows.items():
+        pq.write_table(pa.Table.from_pylist(r), out / f"{split}.parquet")
+    meta = {
+        "config": asdict(cfg),
+        "version": SYNTH_VERSION,
+        "rows": {s: len(r) for s, r in rows.items()},
+        "text_only_baseline": {s: text_only_baseline(rows["train"], rows[s]) for s in ("val", "test")},
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def synth_key(cfg: SynthConfig) -> str:
+    return paths.artifact_key({"synth": asdict(cfg), "version": SYNTH_VERSION})
+
+
+def ensure_synth_data(cfg: SynthConfig | None = None, root: str | Path | None = None) -> Path:
+    """The folder holding the set for `cfg` (default config), built on first use under the cache."""
+    cfg = cfg or SynthConfig()
+    target = Path(root or paths.synth_root()) / synth_key(cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return paths.build_once(target, lambda tmp: write_synth(cfg, tmp), META_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write here instead of the cache folder")
+    ap.add_argument("--seed", type=int, default=SynthConfig.seed)
+    ap.add_argument("--n-train", type=int, default=SynthConfig.n_train)
+    ap.add_argument("--n-val", type=int, default=SynthConfig.n_val)
+    ap.add_argument("--n-test", type=int, default=SynthConfig.n_test)
+    args = ap.parse_args(argv)
+    cfg = SynthConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    if args.out:
+        write_synth(cfg, args.out)
+        out = Path(args.out)
+    else:
+        out = ensure_synth_data(cfg)
+    meta = json.loads((out / META_FILE).read_text())
+    print(f"synthetic set in {out}: {meta['rows']}")
+    for split, base in meta["text_only_baseline"].items():
+        per = ", ".join(f"{t} {v:.1%}" for t, v in base.items() if t != "all")
+        print(f"text-only baseline on {split}: {base['all']:.1%} ({per})")
+
+
+if __name__ == "__main__":
+    main()
