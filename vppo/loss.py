@@ -33,7 +33,8 @@ def scatter_rows(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Ten
     return values.new_zeros(valid.shape).masked_scatter(valid, values)
 
 
-def _check_common(labels, response_mask, rows_name, rows, batched):
+def _check_common(labels, response_mask, rows_name, rows):
+    """Checks the arguments; returns (valid [B, T] bool, labels of the valid rows [N])."""
     if not isinstance(response_mask, torch.Tensor) or response_mask.dim() != 2:
         raise ValueError(
             f"response_mask must be a 2-D [B, T] tensor, got {getattr(response_mask, 'shape', None)}"
@@ -48,8 +49,8 @@ def _check_common(labels, response_mask, rows_name, rows, batched):
     if not isinstance(rows, torch.Tensor):
         raise ValueError(f"{rows_name} must be a torch.Tensor, got {type(rows).__name__}")
     valid = response_mask.bool()
-    if batched:
-        if rows.dim() != 3 or rows.shape[:2] != valid.shape:
+    if rows.dim() == 3:
+        if rows.shape[:2] != valid.shape:
             raise ValueError(
                 f"{rows_name} must be [B, T, *] with [B, T] = {tuple(valid.shape)} (or the gathered "
                 f"[N, *] rows), got {tuple(rows.shape)}"
@@ -89,7 +90,7 @@ def vppo_loss_linear(
     loss_scale: as in `vppo.objective.policy_loss`. Differentiable w.r.t. hidden and weight;
     returns (scalar loss, stats).
     """
-    valid, y = _check_common(labels, response_mask, "hidden", hidden, hidden.dim() == 3)
+    valid, y = _check_common(labels, response_mask, "hidden", hidden)
     rows = hidden[valid] if hidden.dim() == 3 else hidden  # (N, H)
     logp, entropy = kernels.token_logprobs_linear(rows, weight, y, temperature=temperature, impl=impl)  # (N,)
     return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, cfg, ref_logp, loss_scale)
@@ -111,7 +112,7 @@ def vppo_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VPPO micro-batch loss from logits [B, T, V] (or the gathered [N, V] valid rows) through
     `kernels.token_logprobs`; otherwise as `vppo_loss_linear`. Differentiable w.r.t. logits."""
-    valid, y = _check_common(labels, response_mask, "logits", logits, logits.dim() == 3)
+    valid, y = _check_common(labels, response_mask, "logits", logits)
     rows = logits[valid] if logits.dim() == 3 else logits  # (N, V)
     logp, entropy = kernels.token_logprobs(rows, y, temperature=temperature, impl=impl)  # (N,)
     return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, cfg, ref_logp, loss_scale)
