@@ -1,8 +1,232 @@
-"""Placeholder: being written (see kernels.md)."""
+"""token_dependency and token_dependency_linear: per-token KL(clean || masked), k3, log-probs and
+clean entropy from two logits tensors (or two hidden states and the lm_head weight), no grad.
+
+Both kernels keep, per row, an online state over the vocabulary, relative to running maxima
+m_a (clean) and m_b (masked) of the temperature-scaled logits a = clean / T, b = masked / T:
+    s_a = sum e^(a - m_a)       s_b = sum e^(b - m_b)
+    u   = sum e^(a - m_a) (a - m_a)
+    w   = sum e^(a - m_a) ((a - m_a) - (b - m_b))
+so that entropy = log s_a - u / s_a and kl = w / s_a - log s_a + log s_b. Keeping the terms
+relative to the maxima (rather than E_p[a] - lse) avoids catastrophic cancellation on rows
+with |z| > 1e4. Padded vocabulary columns (-inf) add e^(-inf) = 0 and are masked out of u, w.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    IGNORE_INDEX,
+    TokenStats,
+    check_float,
+    check_labels,
+    check_same,
+    check_temperature,
+    resolve_impl,
+)
+
+# Running maxima start at this finite sentinel instead of -inf so that blocks made only of
+# padded (-inf) columns rescale by e^0 rather than producing -inf - -inf = NaN. Logits below
+# it count as -inf, which they are for every practical purpose.
+NEG_BIG = tl.constexpr(-1.0e30)
+# The torch impls never hold more than this many bytes of [rows, V] temporaries.
+CHUNK_BYTES = 256 * 1024 * 1024
+# Vocabulary columns per program of the linear kernel: a constant (not derived from N or the
+# GPU), so a row's statistics are bitwise the same whatever the batch or the machine.
+LINEAR_SPLIT_V = 8192
 
 
-def token_dependency(*args, **kwargs):
-    raise NotImplementedError("token_dependency is not written yet")
+@triton.jit
+def _online_update(m_a, m_b, s_a, s_b, u, w, a, b):
+    """Fold a [..., BLOCK] tile of scaled logits into the per-row state (vectors over [...])."""
+    m_a_new = tl.maximum(m_a, tl.max(a, axis=-1))
+    m_b_new = tl.maximum(m_b, tl.max(b, axis=-1))
+    da = m_a_new - m_a  # >= 0
+    db = m_b_new - m_b
+    alpha = tl.exp(-da)
+    # Re-express the old sums relative to the new maxima (uses the old s_a, so before it).
+    w = alpha * (w - (da - db) * s_a)
+    u = alpha * (u - da * s_a)
+    s_a = alpha * s_a
+    s_b = tl.exp(-db) * s_b
+    xa = a - tl.expand_dims(m_a_new, -1)
+    xb = b - tl.expand_dims(m_b_new, -1)
+    ea = tl.exp(xa)
+    eb = tl.exp(xb)
+    live = ea > 0  # excludes padded -inf columns, whose 0 * -inf would be NaN
+    s_a += tl.sum(ea, axis=-1)
+    s_b += tl.sum(eb, axis=-1)
+    u += tl.sum(tl.where(live, ea * xa, 0.0), axis=-1)
+    w += tl.sum(tl.where(live, ea * (xa - xb), 0.0), axis=-1)
+    return m_a_new, m_b_new, s_a, s_b, u, w
+
+
+@triton.jit
+def _finalize(m_a, m_b, s_a, s_b, u, w, a_y, b_y, keep):
+    """Per-row statistics from the final state; rows with keep == False give zeros."""
+    log_sa = tl.log(tl.where(keep, s_a, 1.0))  # ignored rows have s = 0: keep them finite
+    log_sb = tl.log(tl.where(keep, s_b, 1.0))
+    logp_y = (a_y - m_a) - log_sa
+    logq_y = (b_y - m_b) - log_sb
+    kl = w / s_a - log_sa + log_sb
+    ent = log_sa - u / s_a
+    d = tl.minimum(tl.maximum(logq_y - logp_y, -20.0), 20.0)
+    k3 = tl.minimum(tl.maximum(tl.exp(d) - d - 1.0, 0.0), 10.0)
+    logp_y = tl.where(keep, logp_y, 0.0)
+    logq_y = tl.where(keep, logq_y, 0.0)
+    kl = tl.where(keep, kl, 0.0)
+    k3 = tl.where(keep, k3, 0.0)
+    ent = tl.where(keep, ent, 0.0)
+    return logp_y, logq_y, kl, k3, ent
+
+
+@triton.jit
+def _dependency_kernel(
+    p_clean,
+    p_masked,
+    p_labels,
+    p_out,  # [5, N] float32: logp_clean, logp_masked, kl, k3, entropy
+    N,
+    V,
+    stride_c,
+    stride_m,
+    temperature,
+    IGNORE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # Rows on grid axis 0 (axes 1 and 2 stop at 65,535). BLOCK_N = 1 (one program per row)
+    # unless the vocabulary is smaller than one block, when a program takes a few short rows.
+    i_n = tl.program_id(0).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,) int64 offsets
+    m_n = o_n < N
+    y = tl.load(p_labels + o_n, mask=m_n, other=IGNORE).to(tl.int64)
+    keep = (y != IGNORE) & m_n
+    p_c = p_clean + o_n[:, None] * stride_c  # (BLOCK_N, 1)
+    p_m = p_masked + o_n[:, None] * stride_m
+    m_a = tl.full([BLOCK_N], NEG_BIG, tl.float32)
+    m_b = tl.full([BLOCK_N], NEG_BIG, tl.float32)
+    s_a = tl.zeros([BLOCK_N], tl.float32)
+    s_b = tl.zeros([BLOCK_N], tl.float32)
+    u = tl.zeros([BLOCK_N], tl.float32)
+    w = tl.zeros([BLOCK_N], tl.float32)
+    a_y = tl.zeros([BLOCK_N], tl.float32)
+    b_y = tl.zeros([BLOCK_N], tl.float32)
+    v_end = tl.where(tl.max(keep.to(tl.int32), axis=0) > 0, V, 0)  # ignored rows read nothing
+    for v0 in range(0, v_end, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        m_v = keep[:, None] & (o_v < V)[None, :]
+        a = tl.load(p_c + o_v[None, :], mask=m_v, other=float("-inf")).to(tl.float32) / temperature
+        b = tl.load(p_m + o_v[None, :], mask=m_v, other=float("-inf")).to(tl.float32) / temperature
+        # The label gather happens on the tile already loaded: each logit is read once.
+        hit = o_v[None, :] == y[:, None]
+        a_y += tl.sum(tl.where(hit, a, 0.0), axis=1)
+        b_y += tl.sum(tl.where(hit, b, 0.0), axis=1)
+        m_a, m_b, s_a, s_b, u, w = _online_update(m_a, m_b, s_a, s_b, u, w, a, b)
+    logp_y, logq_y, kl, k3, ent = _finalize(m_a, m_b, s_a, s_b, u, w, a_y, b_y, keep)
+    tl.store(p_out + o_n, logp_y, mask=m_n)
+    tl.store(p_out + N + o_n, logq_y, mask=m_n)
+    tl.store(p_out + 2 * N + o_n, kl, mask=m_n)
+    tl.store(p_out + 3 * N + o_n, k3, mask=m_n)
+    tl.store(p_out + 4 * N + o_n, ent, mask=m_n)
+
+
+def _dependency_triton(clean, masked, labels, t: float) -> torch.Tensor:
+    n, v = clean.shape
+    out = torch.empty(5, n, dtype=torch.float32, device=clean.device)
+    if n == 0:
+        return out
+    block_v = min(triton.next_power_of_2(max(v, 16)), 4096)
+    block_n = min(4096 // block_v, 64)
+    _dependency_kernel[(triton.cdiv(n, block_n),)](
+        clean,
+        masked,
+        labels,
+        out,
+        n,
+        v,
+        clean.stride(0),
+        masked.stride(0),
+        t,
+        IGNORE=IGNORE_INDEX,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        num_warps=8,
+    )
+    return out  # (5, N)
+
+
+def _dependency_torch_rows(clean, masked, labels, t: float) -> torch.Tensor:
+    """Statistics of a chunk of rows, [5, r] float32, from about 13 * r * V bytes of temporaries."""
+    # copy=True: the in-place ops below must never touch the caller's (fp32) logits.
+    logp = clean.to(torch.float32, copy=True).div_(t)  # (r, V)
+    logq = masked.to(torch.float32, copy=True).div_(t)  # (r, V)
+    # log_softmax in place; the max goes first, as in torch.log_softmax: logsumexp of the raw
+    # values rounds at the scale of |z| (1 ulp of 1e4 is 1e-3) and that error would reach p.
+    for x in (logp, logq):
+        x.sub_(x.amax(-1, keepdim=True)).sub_(torch.logsumexp(x, -1, keepdim=True))
+    idx = labels.clamp_min(0).long()[:, None]
+    logp_y = logp.gather(1, idx).squeeze(1)  # (r,)
+    logq_y = logq.gather(1, idx).squeeze(1)
+    p = logp.exp()  # (r, V)
+    dead = p == 0  # (r, V) padded columns and underflow: 0 log 0 = 0
+    logp.masked_fill_(dead, 0.0)
+    # Products in place then torch's pairwise sum (a batched matmul sums less accurately).
+    kl = logq.sub_(logp).neg_().masked_fill_(dead, 0.0).mul_(p).sum(-1)  # sum p (log p - log q)
+    ent = -logp.mul_(p).sum(-1)
+    d = (logq_y - logp_y).clamp(-20, 20)
+    k3 = (d.exp() - d - 1).clamp(0, 10)
+    keep = labels != IGNORE_INDEX
+    return torch.stack([logp_y, logq_y, kl, k3, ent]).masked_fill_(~keep, 0.0)  # (5, r)
+
+
+def _rows_per_chunk(v: int, bytes_per_col: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, bytes_per_col * v))
+
+
+def _dependency_torch(clean, masked, labels, t: float) -> torch.Tensor:
+    n, v = clean.shape
+    out = torch.empty(5, n, dtype=torch.float32, device=clean.device)
+    rows = _rows_per_chunk(v, 16)  # 13 bytes a column measured with bench.meters, plus headroom
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        out[:, r0:r1] = _dependency_torch_rows(clean[r0:r1], masked[r0:r1], labels[r0:r1], t)
+    return out  # (5, N)
+
+
+def token_dependency(
+    clean_logits: torch.Tensor,
+    masked_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    impl: str = "auto",
+) -> TokenStats:
+    """Per-token visual dependency of two logits tensors, no grad (kernels.md).
+
+    clean_logits, masked_logits: [N, V] float32 / bfloat16 / float16 (same dtype and device),
+        contiguous in the last dimension; any row stride (a row slice needs no copy).
+        Columns that are -inf in both (padded vocabulary) contribute nothing.
+    labels: [N] int64 (or int32); -100 marks a row to ignore (all its statistics are 0).
+    Returns TokenStats(logp_clean, logp_masked, kl, k3, entropy), each [N] float32, computed in
+    float32 from logits / temperature. impl: "auto" | "triton" | "torch".
+    """
+    check_float("clean_logits", clean_logits, 2)
+    check_float("masked_logits", masked_logits, 2)
+    check_same("masked_logits", masked_logits, "clean_logits", clean_logits)
+    n, v = clean_logits.shape
+    check_labels(labels, n, v, clean_logits.device)
+    t = check_temperature(temperature)
+    impl = resolve_impl(impl, clean_logits)
+    with torch.no_grad():
+        labels = labels.contiguous()
+        if impl == "triton":
+            out = _dependency_triton(clean_logits, masked_logits, labels, t)
+        else:
+            out = _dependency_torch(clean_logits, masked_logits, labels, t)
+    return TokenStats(*out.unbind(0))
 
 
 def token_dependency_linear(*args, **kwargs):

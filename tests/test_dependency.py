@@ -1,0 +1,200 @@
+"""token_dependency: the Triton kernel (interpreter on CPU) and the chunked torch impl against
+kernels.reference, by the three-way rule of style.md."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import IGNORE_INDEX
+from kernels import reference as ref
+
+IMPLS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The one tolerance table, per input dtype, for the three-way rule of style.md:
+#     err(impl) <= err(same-dtype PyTorch) + TOL[dtype],   err(x) = max |x - r| / (1 + |r|)
+# where r is the fp32 reference (kernels.reference upcasts its inputs). The impls compute in
+# fp32 whatever the input dtype, so they must also be within TOL[float32] of r.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+FIELDS = kernels.TokenStats._fields
+
+
+def _err(x: torch.Tensor, r: torch.Tensor) -> float:
+    return float(((x.double() - r.double()).abs() / (1 + r.double().abs())).max())
+
+
+def _same_dtype_torch(z, w, y, t) -> kernels.TokenStats:
+    """Plain PyTorch kept in the input dtype (no fp32 upcast): the yardstick of the three-way
+    rule, what a naive bf16/fp16 implementation would give. Not a definition: that is ref."""
+    lp, lq = F.log_softmax(z / t, -1), F.log_softmax(w / t, -1)
+    p = lp.exp()
+    kl = torch.where(p > 0, p * (lp - lq), 0).sum(-1)
+    ent = torch.special.entr(p).sum(-1)
+    lp_y, lq_y = (x.gather(1, y.clamp_min(0)[:, None]).squeeze(1) for x in (lp, lq))
+    d = (lq_y - lp_y).clamp(-20, 20)
+    k3 = (d.exp() - d - 1).clamp(0, 10)
+    keep = y != IGNORE_INDEX
+    return kernels.TokenStats(*(torch.where(keep, x, 0).float() for x in (lp_y, lq_y, kl, k3, ent)))
+
+
+def _case(name: str):
+    """(clean, masked, labels, temperature) in fp32, before rounding to the tested dtype."""
+    g = torch.Generator().manual_seed(CASES.index(name))
+    randn = lambda *s: torch.randn(*s, generator=g)
+
+    def labels(n, v):
+        y = torch.randint(0, v, (n,), generator=g)
+        y[torch.rand(n, generator=g) < 0.2] = IGNORE_INDEX
+        return y
+
+    if name == "random":  # V not a multiple of the 4096 block, temperature != 1
+        z = 4 * randn(37, 5000)
+        return z, z + randn(37, 5000), labels(37, 5000), 0.7
+    if name == "one_row":
+        z = 3 * randn(1, 1000)
+        return z, 3 * randn(1, 1000), torch.tensor([17]), 1.0
+    if name == "many_rows":  # N = 4099, small V: several rows per program
+        z = 2 * randn(4099, 64)
+        return z, z + randn(4099, 64), labels(4099, 64), 1.0
+    if name == "qwen_vocab":  # V = 152064, a few rows
+        z = 5 * randn(3, 152064)
+        return z, z + 2 * randn(3, 152064), torch.tensor([5, IGNORE_INDEX, 152063]), 1.0
+    if name == "padded":  # -inf columns in both; the last 4096-block is all padding
+        z, w = 3 * randn(6, 9000), 3 * randn(6, 9000)
+        z[:, 4500:] = w[:, 4500:] = float("-inf")
+        return z, w, labels(6, 4500), 1.0
+    if name == "special":
+        z, w = randn(6, 5000), randn(6, 5000)
+        z[0], w[0] = 3.0, 3.0  # all equal
+        z[1], w[1] = -60 - 5 * z[1].abs(), -60 - 5 * w[1].abs()  # all negative
+        z[2], w[2] = 1.2e4 + 40 * z[2], 1.2e4 + 40 * z[2] + 5 * w[2]  # |z| > 1e4 (fits fp16)
+        z[3], w[3] = -1.5e4 + 30 * z[3], -1.5e4 + 30 * w[3]
+        z[4], w[4] = 8 * z[4], 8 * w[4]
+        y = torch.tensor([3, 4999, int(z[2].argmax()), 7, IGNORE_INDEX, 0])
+        return z, w, y, 1.3
+    raise KeyError(name)
+
+
+CASES = ["random", "one_row", "many_rows", "qwen_vocab", "padded", "special"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference_three_way(impl, dtype, case):
+    z32, w32, y, t = _case(case)
+    z, w = z32.to(dtype), w32.to(dtype)
+    out = kernels.token_dependency(z, w, y, temperature=t, impl=impl)
+    truth = ref.token_dependency(z, w, y, temperature=t)  # fp32 math from the same inputs
+    base = _same_dtype_torch(z, w, y, t)
+    for f, x, r, b in zip(FIELDS, out, truth, base):
+        assert x.dtype == torch.float32 and x.shape == (z.shape[0],)
+        assert torch.isfinite(x).all(), f
+        assert (x[y == IGNORE_INDEX] == 0).all(), f
+        assert _err(x, r) <= _err(b, r) + TOL[dtype], (f, _err(x, r), _err(b, r))
+        assert _err(x, r) <= TOL[torch.float32], (f, _err(x, r))
+
+
+def _fp64_truth(z, w, y, t):
+    """Independent fp64 evaluation (torch's own log_softmax / entr), as in test_reference."""
+    lp, lq = F.log_softmax(z.double() / t, -1), F.log_softmax(w.double() / t, -1)
+    p = lp.exp()
+    kl = torch.where(p > 0, p * (lp - lq), 0).sum(-1)
+    ent = torch.special.entr(p).sum(-1)
+    return lp.gather(1, y[:, None])[:, 0], lq.gather(1, y[:, None])[:, 0], kl, ent
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t", [1.0, 2.0])  # exact scalings: any error is the kernel's own
+def test_large_logits_do_not_cancel(impl, t):
+    # |z| ~ 1e4: a formula such as entropy = lse - E_p[z] loses ~1e-3 to fp32 rounding of
+    # lse; sums relative to the running max keep the statistics at fp32 precision.
+    g = torch.Generator().manual_seed(1)
+    z = 2e4 + 6 * torch.randn(8, 3000, generator=g)
+    z[4:] = -3e4 + 6 * torch.randn(4, 3000, generator=g)
+    w = z + torch.randn(8, 3000, generator=g)
+    y = torch.randint(0, 3000, (8,), generator=g)
+    y[0] = z[0].argmax()
+    out = kernels.token_dependency(z, w, y, temperature=t, impl=impl)
+    lp, lq, kl, ent = _fp64_truth(z, w, y, t)
+    for f, x, r in zip(
+        ["logp_clean", "logp_masked", "kl", "entropy"], (out[0], out[1], out[2], out[4]), (lp, lq, kl, ent)
+    ):
+        assert _err(x, r) <= 2e-6, (f, _err(x, r))
+    assert (out.entropy > 0.1).all()  # the rows are genuinely spread, not one-hot
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_row_views_need_no_copy_and_match(impl, dtype):
+    n, v = 9, 5000
+    big_c = torch.randn(2 * n, v + 24).to(dtype)
+    big_m = torch.randn(n + 3, v + 40).to(dtype)
+    z, w = big_c[::2, 7 : 7 + v], big_m[3:, :v]  # row strides 2 (V + 24) and V + 40
+    assert not z.is_contiguous() and not w.is_contiguous()
+    y = torch.randint(0, v, (n,))
+    out = kernels.token_dependency(z, w, y, temperature=0.9, impl=impl)
+    dense = kernels.token_dependency(z.contiguous(), w.contiguous(), y, temperature=0.9, impl=impl)
+    for a, b in zip(out, dense):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inputs_untouched_and_no_grad(impl):
+    z = torch.randn(5, 300, requires_grad=True)
+    w = torch.randn(5, 300, requires_grad=True)
+    z0, w0 = z.detach().clone(), w.detach().clone()
+    out = kernels.token_dependency(z, w, torch.arange(5), temperature=0.5, impl=impl)
+    assert torch.equal(z.detach(), z0) and torch.equal(w.detach(), w0)
+    assert not any(x.requires_grad for x in out)
+
+
+def test_torch_impl_chunks_rows(monkeypatch):
+    # Several chunks of rows give the same result as one.
+    import kernels.dependency as dep
+
+    z, w = torch.randn(10, 700), torch.randn(10, 700)
+    y = torch.randint(0, 700, (10,))
+    one = kernels.token_dependency(z, w, y, impl="torch")
+    monkeypatch.setattr(dep, "CHUNK_BYTES", 3 * 16 * 700)  # 3 rows a chunk
+    many = kernels.token_dependency(z, w, y, impl="torch")
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_empty_batch():
+    for impl in IMPLS:
+        out = kernels.token_dependency(
+            torch.zeros(0, 10), torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), impl=impl
+        )
+        assert all(x.shape == (0,) for x in out)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["auto"])
+def test_bad_input_names_the_argument(impl):
+    z, w, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, -100])
+    td = lambda *a, **k: kernels.token_dependency(*a, impl=impl, **k)
+    with pytest.raises(ValueError, match="masked_logits"):
+        td(z, torch.randn(4, 11), y)
+    with pytest.raises(ValueError, match="masked_logits"):
+        td(z, w.bfloat16(), y)
+    with pytest.raises(ValueError, match="masked_logits"):
+        td(z, torch.empty(4, 10, device="meta"), y)
+    with pytest.raises(ValueError, match="clean_logits"):
+        td(z.double(), w.double(), y)
+    with pytest.raises(ValueError, match="clean_logits"):
+        td(z[0], w[0], y)
+    with pytest.raises(ValueError, match="clean_logits"):
+        td(z.t(), w.t(), y)  # last dimension not contiguous
+    with pytest.raises(ValueError, match="labels"):
+        td(z, w, torch.tensor([1, 2, 10, 0]))
+    with pytest.raises(ValueError, match="labels"):
+        td(z, w, torch.tensor([1, 2, -1, 0]))
+    with pytest.raises(ValueError, match="labels"):
+        td(z, w, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="labels"):
+        td(z, w, y.float())
+    with pytest.raises(ValueError, match="temperature"):
+        td(z, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="impl"):
+        kernels.token_dependency(z, w, y, impl="cuda")
