@@ -300,3 +300,16 @@ def test_relative_deepspeed_path_resolves_from_anywhere(tmp_path, monkeypatch):
     c = load_config(None, ["train.deepspeed=configs/ds_zero3.json"])
     assert deepspeed_config(c, 1)["zero_optimization"]["stage"] == 3
     assert Path(c.train.deepspeed).name == "ds_zero3.json"
+
+
+def test_attn_impl_falls_back_to_sdpa():
+    import importlib.util
+
+    from vppo.config import resolve_attn_impl
+
+    assert resolve_attn_impl("sdpa") == "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.warns(UserWarning, match="falling back to sdpa"):
+            assert resolve_attn_impl("flash_attention_2") == "sdpa"
+    else:
+        assert resolve_attn_impl("flash_attention_2") == "flash_attention_2"
