@@ -1,0 +1,460 @@
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from vppo import eval as ev
+from vppo.benchmarks import PAPER_BENCHMARKS
+from vppo.data import Problem
+from vppo.rollout import GenSettings
+
+SUFFIX = (
+    "You first think through the reasoning process as an internal monologue, enclosed within "
+    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
+)
+REPO = Path(__file__).resolve().parents[1]
+# Short generations keep the CLI runs to seconds on a CPU.
+FAST = ["--samples", "2", "--max-new-tokens", "5", "--no-progress"]
+
+
+def _png_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 36, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    """A random Qwen2.5-VL of ~0.1 M parameters with the tiny tokenizer/processor, saved like a real one."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vppo.tiny import build_processor, build_tokenizer
+
+    out = tmp_path_factory.mktemp("micro") / "micro-model"
+    tok = build_tokenizer(["What is x? \\boxed{1/2} 0.5", SUFFIX] * 10, vocab_size=300)
+    proc = build_processor(tok, min_pixels=28 * 28, max_pixels=56 * 56)
+    tid = tok.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, rope_theta=10000.0,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+        eos_token_id=tid("<|im_end|>"), bos_token_id=None, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  fullatt_block_indexes=[0], window_size=56)  # fmt: skip
+    cfg = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    gc = model.generation_config
+    gc.eos_token_id, gc.bos_token_id, gc.pad_token_id = tid("<|im_end|>"), None, tok.pad_token_id
+    # Hidden defaults like Qwen2.5-VL-7B-Instruct's generation_config.json: the evaluation must ignore them.
+    gc.do_sample, gc.repetition_penalty, gc.top_k, gc.top_p, gc.temperature = True, 1.5, 1, 0.001, 0.1
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Geo3k in the authors' ShareGPT layout (4 problems) and We-Math as training-schema parquet (3)."""
+    d = tmp_path_factory.mktemp("evaldata")
+    (d / "img").mkdir()
+    for i in range(4):
+        (d / "img" / f"{i}.png").write_bytes(_png_bytes(i))
+    answers = ["\\frac{1}{2}", "3", "B", "7"]
+    recs = [
+        {
+            "messages": [{"role": "user", "content": f"<image>Problem {i}: what is x?"},
+                         {"role": "assistant", "content": a}],
+            "images": [f"img/{i}.png"],
+        }
+        for i, a in enumerate(answers)
+    ]  # fmt: skip
+    (d / "geo3k_test.json").write_text(json.dumps(recs))
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    cols = {"messages": "messages", "images": "images"}
+    info = {
+        "geo3k_test": {
+            "file_name": "geo3k_test.json",
+            "formatting": "sharegpt",
+            "columns": cols,
+            "tags": tags,
+        }
+    }
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    rows = [
+        {
+            "problem": f"<image>How many shapes ({i})?",
+            "answer": str(i),
+            "images": [{"bytes": _png_bytes(10 + i)}],
+        }
+        for i in range(3)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), d / "wemath.parquet")
+    return d
+
+
+def _run(micro, data_dir, out, *extra, sample_fn=None):
+    argv = [
+        "--model",
+        str(micro),
+        "--benchmarks",
+        "geo3k,We-Math",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
+    return ev.main(argv + FAST + list(extra), sample_fn=sample_fn)
+
+
+def _responses(out: Path) -> dict:
+    samples = json.loads((out / "samples.json").read_text())
+    return {b: [[s["response"] for s in p["samples"]] for p in probs] for b, probs in samples.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_seeded_sampler_follows_the_warped_distribution():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 7) * 2
+    gen = GenSettings(temperature=0.7, top_p=0.8, top_k=4)
+    # The target written out: softmax(l / T), keep the top 4, then the smallest nucleus with mass >= 0.8.
+    p = torch.softmax(logits[0] / 0.7, -1)
+    order = p.argsort(descending=True)
+    keep = order[:4]
+    mass = p[keep] / p[keep].sum()
+    n_keep = int((mass.cumsum(0) < 0.8).sum()) + 1
+    target = torch.zeros(7)
+    target[keep[:n_keep]] = p[keep[:n_keep]] / p[keep[:n_keep]].sum()
+
+    n = 4000
+    sampler = ev.SeededSampler(list(range(n)), gen)
+    out = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, 7).clone())
+    assert torch.isfinite(out).sum(-1).eq(1).all()  # one token per row, 0 there and -inf elsewhere
+    tok = out.argmax(-1)
+    freq = torch.bincount(tok, minlength=7).double() / n
+    assert freq[target == 0].sum() == 0
+    assert (freq - target.double()).abs().max() < 4 * math.sqrt(0.25 / n)
+
+
+def test_seeded_sampler_rows_do_not_depend_on_their_batch():
+    torch.manual_seed(2)
+    gen = GenSettings(temperature=1.0, top_p=1.0, top_k=0)
+    alone, batched = ev.SeededSampler([42], gen), ev.SeededSampler([1, 2, 42, 3], gen)
+    for _ in range(20):
+        logits = torch.randn(4, 50)
+        a = alone(None, logits[2:3].clone()).argmax(-1)
+        b = batched(None, logits.clone()).argmax(-1)
+        assert a.item() == b[2].item()
+    with pytest.raises(ValueError, match="generators"):
+        alone(None, torch.randn(2, 50))
+    with pytest.raises(ValueError, match="temperature"):
+        ev.SeededSampler([0], GenSettings(temperature=0.0))
+
+
+def test_seeds_depend_on_seed_benchmark_and_row_only():
+    s = ev.problem_seed(0, "geo3k", 3)
+    assert s == ev.problem_seed(0, "geo3k", 3)
+    assert (
+        len(
+            {
+                s,
+                ev.problem_seed(1, "geo3k", 3),
+                ev.problem_seed(0, "wemath", 3),
+                ev.problem_seed(0, "geo3k", 4),
+            }
+        )
+        == 4
+    )
+    assert ev.sample_seeds(s, 8)[:2] == ev.sample_seeds(s, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grading and averaging (scripted responses: the grader, not the model, is under test)
+
+
+def test_avg_at_n_grades_equivalent_answers_and_missing_boxes():
+    problems = [
+        Problem("p0", "<image>x?", "\\frac{1}{2}", meta={"row": 0}),
+        Problem("p1", "y?", "0.5", meta={"row": 5}),
+        Problem("p2", "z?", "7", meta={"row": 2}),
+    ]
+    script = {
+        "p0": ["so \\boxed{0.5}", "I do not know", "\\boxed{1/2}", "\\boxed{2}"],  # 1, 0 (no box), 1, 0
+        "p1": ["\\boxed{\\frac{1}{2}}", "\\boxed{\\dfrac{2}{4}}", "\\boxed{0.50}", "\\boxed{.5}"],
+        "p2": ["\\boxed{8}", "none", "\\boxed{}", "7"],  # all wrong; three without an answer
+    }
+    seen = []
+
+    def sample_fn(batch, seeds):
+        seen.append(([p.uid for p in batch], seeds))
+        return [r for p in batch for r in script[p.uid]]
+
+    res = ev.evaluate_problems(
+        None, None, problems, samples=4, batch_size=2, benchmark="t", seed=3, sample_fn=sample_fn
+    )
+    s0 = [s["score"] for s in res.results[0].samples]
+    assert s0 == [1.0, 0.0, 1.0, 0.0]
+    assert res.results[0].samples[1]["extracted"] is None and res.results[0].samples[0]["extracted"] == "0.5"
+    assert [s["extracted"] for s in res.results[2].samples][1] is None
+    p1 = res.per_problem[1]
+    assert p1 >= 0.75  # \frac{1}{2}, 0.50, .5 are 0.5 (2/4 unreduced is mathruler's call)
+    assert res.per_problem[2] == 0.0
+    expect = [0.5, p1, 0.0]
+    mean = sum(expect) / 3
+    se = math.sqrt(sum((v - mean) ** 2 for v in expect) / 2 / 3)
+    assert res.accuracy == pytest.approx(mean) and res.stderr == pytest.approx(se)
+    assert res.no_box_rate == pytest.approx(
+        4 / 12
+    )  # "I do not know", "none", "\boxed{}", "7" (as the grader)
+    assert res.grader["grader/no_box"] == 4 and res.results[2].samples[2]["extracted"] == ""
+    # seeds come from the row index in meta, not the position; batches of 2 problems
+    assert [u for u, _ in seen] == [["p0", "p1"], ["p2"]]
+    assert seen[0][1][1] == ev.sample_seeds(ev.problem_seed(3, "t", 5), 4)
+    assert res.grader.get("grader/n") == 12
+
+
+def test_mean_and_stderr():
+    assert ev.mean_and_stderr([1.0]) == (1.0, 0.0)
+    m, se = ev.mean_and_stderr([0.0, 1.0, 1.0, 0.5])
+    assert m == pytest.approx(0.625) and se == pytest.approx(np.std([0, 1, 1, 0.5], ddof=1) / 2)
+    with pytest.raises(ValueError):
+        ev.mean_and_stderr([])
+
+
+def test_report_sits_beside_the_paper_numbers():
+    assert ev.paper_model("/models/Qwen2.5-VL-7B-Instruct") == "Qwen2.5-VL-7B"
+    assert ev.paper_model("ckpts/VPPO-7B") == "VPPO-7B"
+    assert ev.paper_model("runs/tiny/export") is None
+    summary = {
+        k: {
+            "accuracy": 0.5,
+            "stderr": 0.01,
+            "samples": 8,
+            "problems": 10,
+            "no_box_rate": 0.0,
+            "generated": 10,
+        }
+        for k in (*PAPER_BENCHMARKS, "synth")
+    }
+    md = ev.markdown_report(summary, "Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B")
+    lines = md.splitlines()
+    ours = next(ln for ln in lines if ln.startswith("| Qwen2.5-VL-7B-Instruct |"))
+    paper = next(ln for ln in lines if ln.startswith("| Qwen2.5-VL-7B (paper"))
+    assert ours.endswith(f"| 50.0 ± {100 * math.sqrt(8 * 0.01**2) / 8:.1f} |")  # synth not in Avg
+    assert paper.startswith(
+        "| Qwen2.5-VL-7B (paper, Table 1) | 39.0 | 55.7 | 42.5 | 37.1 | 18.4 | 46.4 | 42.4 | 25.1 |"
+    )
+    assert paper.endswith("| 38.3 |")
+    sub = ev.markdown_report({"geo3k": summary["geo3k"], "mathverse": summary["mathverse"]}, "x", "VPPO-7B")
+    assert "| 71.6 | 46.5 | 59.0 |" in sub and "2 paper benchmarks" in sub
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line on the micro model
+
+
+def test_cli_writes_tables_samples_and_manifest(micro, data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = _run(micro, data_dir, out, "--seed", "5", "--batch-size", "3")
+    summary = r["summary"]
+    assert set(summary) == {"geo3k", "wemath"} and summary["geo3k"]["problems"] == 4
+    md = (out / "results.md").read_text()
+    assert "| model | Geo3k | We-Math | Avg |" in md and "| micro-model |" in md
+    assert "(paper, Table 1)" not in md
+
+    samples = json.loads((out / "samples.json").read_text())
+    for b, n in (("geo3k", 4), ("wemath", 3)):
+        assert len(samples[b]) == n
+        for p in samples[b]:
+            assert len(p["samples"]) == 2
+            assert all(set(s) == {"response", "extracted", "score"} for s in p["samples"])
+            assert p["score"] == sum(s["score"] for s in p["samples"]) / 2
+        acc = sum(p["score"] for p in samples[b]) / n
+        assert summary[b]["accuracy"] == pytest.approx(acc)
+
+    m = json.loads((out / "manifest.json").read_text())
+    weights = hashlib.sha256((micro / "model.safetensors").read_bytes()).hexdigest()
+    assert m["model"]["files"]["model.safetensors"] == weights
+    assert (
+        m["model"]["files"]["config.json"] == hashlib.sha256((micro / "config.json").read_bytes()).hexdigest()
+    )
+    assert len(m["model"]["sha256"]) == 64
+    geo_file = str(data_dir / "geo3k_test.json")
+    assert (
+        m["data"]["geo3k"]["files_sha256"][geo_file]
+        == hashlib.sha256(Path(geo_file).read_bytes()).hexdigest()
+    )
+    assert len(m["data"]["wemath"]["problems_sha256"]) == 64
+    assert m["prompt"]["suffix"] == SUFFIX and SUFFIX in m["prompt"]["example"]
+    assert m["prompt"]["example"].count("<|image_pad|>") == 1
+    assert m["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_new_tokens": 5, "samples": 2,
+                             "repetition_penalty": 1.0}  # fmt: skip
+    assert m["seed"] == 5 and m["dtype"] == "torch.float32" and m["device"] == "cpu"
+    assert m["grader"]["source_sha256"] == hashlib.sha256((REPO / "vppo/reward.py").read_bytes()).hexdigest()
+    assert m["packages"]["torch"] and m["packages"]["transformers"] and m["packages"]["python"]
+    assert m["results"]["avg"]["accuracy"] == pytest.approx(
+        (summary["geo3k"]["accuracy"] + summary["wemath"]["accuracy"]) / 2
+    )
+
+
+def test_same_seed_twice_gives_identical_scores_and_batching_does_not_matter(micro, data_dir, tmp_path):
+    a = _run(micro, data_dir, tmp_path / "a", "--seed", "1", "--batch-size", "1")
+    b = _run(micro, data_dir, tmp_path / "b", "--seed", "1", "--batch-size", "4")
+    _run(micro, data_dir, tmp_path / "c", "--seed", "2", "--batch-size", "4")
+    ra, rb, rc = (_responses(tmp_path / x) for x in "abc")
+    assert ra == rb and a["summary"]["geo3k"]["accuracy"] == b["summary"]["geo3k"]["accuracy"]
+    assert ra != rc
+    assert len({r for p in ra["geo3k"] for r in p}) > 1  # the responses are sampled, not all alike
+
+
+def test_killed_evaluation_resumes_without_regenerating(micro, data_dir, tmp_path):
+    from vppo.data import load_processor
+
+    model = ev.load_model(str(micro))
+    inner = ev.rollout_sampler(model, load_processor(micro), GenSettings(1.0, 1.0, 50, 5))
+    calls = []
+
+    def counting(batch, seeds):
+        calls.append([p.uid for p in batch])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while the third batch generates
+        return inner(batch, seeds)
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(micro, data_dir, out, "--batch-size", "1", sample_fn=counting)
+    cached = (out / "cache" / "geo3k.jsonl").read_text().splitlines()
+    assert len(cached) == 1 + 2  # header + the two finished problems
+    with open(out / "cache" / "geo3k.jsonl", "a") as f:
+        f.write('{"index": 2, "uid": "geo3k[2]", "ans')  # a torn line, as a SIGKILL mid-write leaves
+
+    calls.clear()
+    _run(micro, data_dir, out, "--batch-size", "1", sample_fn=_count(inner, calls))
+    assert calls == [["geo3k[2]"], ["geo3k[3]"], ["wemath[0]"], ["wemath[1]"], ["wemath[2]"]]
+    _run(micro, data_dir, tmp_path / "fresh", "--batch-size", "2")
+    assert _responses(out) == _responses(tmp_path / "fresh")
+
+    calls.clear()
+    again = _run(micro, data_dir, out, "--batch-size", "1", sample_fn=_count(inner, calls))
+    assert calls == [] and again["summary"]["geo3k"]["generated"] == 0
+    with pytest.raises(ValueError, match="other settings.*sampling"):
+        _run(micro, data_dir, out, "--temperature", "0.5", sample_fn=_count(inner, calls))
+    _run(micro, data_dir, out, "--temperature", "0.5", "--fresh", sample_fn=_count(inner, calls))
+    assert len(calls) == 2  # --fresh regenerated both benchmarks (batch size 8)
+
+
+def _count(inner, calls):
+    def sample_fn(batch, seeds):
+        calls.append([p.uid for p in batch])
+        return inner(batch, seeds)
+
+    return sample_fn
+
+
+def test_sigkilled_subprocess_resumes(micro, data_dir, tmp_path):
+    """A real kill -9 of `python -m vppo.eval` after some problems are cached; the rerun only
+    generates the rest and the final numbers equal an uninterrupted run."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vppo.eval", "--model", str(micro), "--benchmarks", "geo3k", "--data-dir",
+           str(data_dir), "--out", str(out), "--batch-size", "1", "--samples", "2", "--max-new-tokens", "16",
+           "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cache = out / "cache" / "geo3k.jsonl"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if cache.exists() and len(cache.read_text().splitlines()) >= 2:  # header + one problem
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, (
+            f"finished before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        )
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    n_cached = len([ln for ln in cache.read_text().splitlines()[1:] if ln.endswith("}")])
+    assert 1 <= n_cached < 4
+
+    calls = []
+    from vppo.data import load_processor
+
+    inner = ev.rollout_sampler(
+        ev.load_model(str(micro)), load_processor(micro), GenSettings(1.0, 1.0, 50, 16)
+    )
+    argv = ["--model", str(micro), "--benchmarks", "geo3k", "--data-dir", str(data_dir), "--batch-size", "1",
+            "--samples", "2", "--max-new-tokens", "16", "--no-progress"]  # fmt: skip
+    resumed = ev.main([*argv, "--out", str(out)], sample_fn=_count(inner, calls))
+    assert sum(len(c) for c in calls) == 4 - n_cached
+    whole = ev.main([*argv, "--out", str(tmp_path / "whole"), "--batch-size", "4"])
+    assert _responses(out) == _responses(tmp_path / "whole")
+    assert resumed["summary"]["geo3k"]["accuracy"] == whole["summary"]["geo3k"]["accuracy"]
+
+
+def test_checkpoint_generation_defaults_are_not_applied(micro, data_dir):
+    """The micro model's generation_config carries top_k=1 and repetition_penalty=1.5 (as Qwen's
+    carries top_k=1, 1.05): sampling must follow the evaluation's settings, so responses differ."""
+    from vppo.benchmarks import load_benchmark
+    from vppo.data import load_processor
+
+    model, proc = ev.load_model(str(micro)), load_processor(micro)
+    probs = load_benchmark("geo3k", data_dir).problems[:1]
+    texts = ev.rollout_sampler(model, proc, GenSettings(1.0, 1.0, 0, 6))(probs, [list(range(6))])
+    assert len(set(texts)) > 1  # top_k=1 from the checkpoint would make all six identical
+
+
+def test_validation_api_on_loaded_problems(micro):
+    """What the training loop calls: problems without a row index are seeded by position."""
+    from vppo.data import load_problems, load_processor
+
+    rows = [
+        {"problem": "<image>What is x?", "answer": "1", "images": [{"bytes": _png_bytes(i)}]}
+        for i in range(3)
+    ]
+    problems = load_problems(rows)
+    model, proc = ev.load_model(str(micro)), load_processor(micro)
+    gen = GenSettings(1.0, 1.0, 50, 4)
+    a = ev.evaluate_problems(model, proc, problems, samples=2, gen=gen, seed=7, batch_size=3)
+    b = ev.evaluate_problems(model, proc, problems, samples=2, gen=gen, seed=7, batch_size=2)
+    assert [r.samples for r in a.results] == [r.samples for r in b.results]
+    assert a.accuracy == b.accuracy and 0.0 <= a.accuracy <= 1.0 and a.generated == 3
+    assert [r.index for r in a.results] == [0, 1, 2]
+    with pytest.raises(ValueError, match="samples"):
+        ev.evaluate_problems(model, proc, problems, samples=0)
+    with pytest.raises(ValueError, match="problems"):
+        ev.evaluate_problems(model, proc, [], samples=1)
+
+
+def test_cli_rejects_bad_arguments_before_loading(micro, data_dir, tmp_path):
+    base = ["--model", str(micro), "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match="did you mean 'We-Math'"):
+        ev.main([*base, "--benchmarks", "wemth"])
+    with pytest.raises(ValueError, match="MathVerse not found"):
+        ev.main([*base, "--benchmarks", "mathverse"])
+    with pytest.raises(ValueError, match="--samples"):
+        ev.main([*base, "--benchmarks", "geo3k", "--samples", "0"])
+    with pytest.raises(ValueError, match="not a local model folder"):
+        ev.main(["--model", str(tmp_path / "none"), "--data-dir", str(data_dir), "--benchmarks", "geo3k"])
