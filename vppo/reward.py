@@ -27,7 +27,11 @@ pinned by a golden case in tests/test_reward.py):
 - `\\sin x` is read as `\\sin(x)` (one-character arguments of sin, cos, tan, log, ln, exp).
 Kept as mathruler decides (documented choices, also pinned by golden cases): an unreduced
 fraction (`2/4` against `\\frac{1}{2}`) is wrong; `0.5` is not `50\\%` (the percent sign is
-dropped, so `50` is `50\\%`); ordered tuples keep their order and bracket type.
+dropped, so `50` is `50\\%`); ordered tuples keep their order and bracket type; an integer
+ground truth needs an answer written as an integer (`2^{10}`, `\\log_2 8` against 1024, 3 score
+0: the released reward does not reward unsimplified answers, and parity with it matters more
+here than leniency). math-verify is more lenient on exactly these, and stricter on answer forms
+(`B: 12`, `5 dollars`, `30°`) and on several boxes (it does not always take the last one).
 
 `agreement(...)` grades the same pairs with math-verify (optional extra) in the same pool and
 reports how often the two agree, for the evaluation report.
@@ -458,6 +462,10 @@ class Agreement:
 
 def agreement(responses: list[str], answers: list[str], grader: Grader) -> Agreement:
     """How often the boxed-answer grader and math-verify agree on these pairs."""
+    import importlib.util
+
+    if importlib.util.find_spec("math_verify") is None:
+        raise RuntimeError("math-verify is not installed: pip install 'vppo[verify]'")
     r, _ = grader.grade(responses, answers)
     v, _ = grader.grade_math_verify(responses, answers)
     dis = [(i, a, b) for i, (a, b) in enumerate(zip(r, v)) if (a > 0) != (b > 0)]
