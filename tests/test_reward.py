@@ -386,3 +386,39 @@ def test_math_verify_agreement(grader):
     # The two graders agree on the clear cases; the rate is reported, not pinned.
     assert a.rate > 0.7
     print(f"\nmath-verify agreement on the golden set: {a.agree}/{a.n} = {a.rate:.1%}")
+
+
+def test_hung_worker_dies_with_its_parent(tmp_path):
+    # A parent killed while a worker is stuck in sympy must not leave the worker spinning.
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    script = (
+        f"import sys; sys.path.insert(0, {str(repo)!r})\n"
+        "from vppo.reward import Grader\n"
+        "g = Grader(num_workers=1, timeout=60)\n"
+        "g.grade(['\\\\boxed{1}'], ['1'])\n"
+        "print(g._workers[0].proc.pid, flush=True)\n"
+        "g.grade(['\\\\boxed{9**9**9}'], ['x'])\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(p.stdout.readline())
+    time.sleep(0.3)  # the worker is now inside the hung sympy call
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for _ in range(50):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{worker}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":
+                break  # a zombie waiting for init to reap it: dead
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("grader worker outlived its parent")

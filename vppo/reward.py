@@ -151,6 +151,16 @@ def _worker_main() -> None:
 
         resource.setrlimit(resource.RLIMIT_AS, (mem_mb << 20, mem_mb << 20))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if sys.platform.startswith("linux"):
+        # Die with the parent: a worker stuck in sympy would never see its stdin close.
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != int(os.environ.get("VPPO_GRADER_PARENT", os.getppid())):
+            return  # the parent died before prctl took effect
     from mathruler.grader import grade_answer
 
     out = sys.stdout
@@ -186,6 +196,7 @@ class _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = _REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["VPPO_GRADER_MEM_MB"] = str(mem_mb)
+        env["VPPO_GRADER_PARENT"] = str(os.getpid())
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from vppo.reward import _worker_main; _worker_main()"],
