@@ -297,6 +297,9 @@ def test_cli(capsys):
 
 def test_relative_deepspeed_path_resolves_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    assert load_config("configs/vppo_7b.yaml").algo.shaping == "released"
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config("configs/nope.yaml")
     c = load_config(None, ["train.deepspeed=configs/ds_zero3.json"])
     assert deepspeed_config(c, 1)["zero_optimization"]["stage"] == 3
     assert Path(c.train.deepspeed).name == "ds_zero3.json"

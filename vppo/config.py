@@ -347,7 +347,7 @@ def load_config(
     """
     cfg = Config()
     if path is not None:
-        p = Path(path)
+        p = resolve_path(str(path))  # configs/x.yaml also works from outside the repository
         if not p.is_file():
             raise ValueError(f"config file not found: {path}")
         doc = yaml.safe_load(p.read_text()) or {}
