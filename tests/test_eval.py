@@ -458,3 +458,45 @@ def test_cli_rejects_bad_arguments_before_loading(micro, data_dir, tmp_path):
         ev.main([*base, "--benchmarks", "geo3k", "--samples", "0"])
     with pytest.raises(ValueError, match="not a local model folder"):
         ev.main(["--model", str(tmp_path / "none"), "--data-dir", str(data_dir), "--benchmarks", "geo3k"])
+
+
+def test_model_hashes_are_memoised_and_track_changes(tmp_path, monkeypatch):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\x00" * 100)
+    (model / "notes.md").write_text("not hashed")
+    memo = tmp_path / "memo.json"
+    first = ev.model_hashes(model, memo)
+    assert set(first["files"]) == {"config.json", "model.safetensors"}
+    assert first["files"]["model.safetensors"] == hashlib.sha256(b"\x00" * 100).hexdigest()
+    hashed = []
+    real = ev._sha256_file
+    monkeypatch.setattr(ev, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert ev.model_hashes(model, memo) == first and hashed == []  # nothing re-read
+    (model / "model.safetensors").write_bytes(b"\x01" * 101)
+    changed = ev.model_hashes(model, memo)
+    assert hashed == ["model.safetensors"] and changed["combined"] != first["combined"]
+
+
+def test_math_verify_agreement_is_reported():
+    def sample(response, score):
+        return {"response": response, "extracted": None, "score": score}
+
+    results = [
+        ev.ProblemResult(0, "a", "0.5", 1, [sample("\\boxed{\\frac{1}{2}}", 1.0), sample("no answer", 0.0)]),
+        ev.ProblemResult(1, "b", "3", 2, [sample("\\boxed{3}", 1.0), sample("\\boxed{4}", 0.0)]),
+    ]
+    a = ev.grader_agreement(results)
+    # Both graders take 1/2 for 0.5 and 3 for 3, and neither credits "no answer" or 4.
+    assert (a["n"], a["agree"], a["both_correct"], a["rate"]) == (4, 4, 2, 1.0)
+    summary = {"geo3k": {"accuracy": 0.5, "stderr": 0.1, "samples": 2, "problems": 2, "no_box_rate": 0.25,
+                         "generated": 2, "math_verify_agreement": a}}  # fmt: skip
+    assert f"agree on {a['agree']}/4" in ev.markdown_report(summary, "m", None)
+
+
+def test_model_tiny_resolves_through_vppo_tiny(monkeypatch, tmp_path):
+    import vppo.tiny
+
+    monkeypatch.setattr(vppo.tiny, "ensure_tiny_model", lambda *a, **k: tmp_path)
+    assert ev._resolve_model("tiny") == str(tmp_path)

@@ -28,6 +28,7 @@ VPPO-7B), samples.json (every response, its extracted answer and grade), manifes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -433,17 +434,30 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_hashes(path: str | os.PathLike) -> dict:
-    """sha256 of every config, tokenizer and weight file of a local model folder, and of them all."""
+def model_hashes(path: str | os.PathLike, memo: str | os.PathLike | None = None) -> dict:
+    """sha256 of every config, tokenizer and weight file of a local model folder, and of them all.
+
+    `memo`: a JSON file remembering (size, mtime) -> sha256 per file, so a resumed evaluation of a
+    15 GB checkpoint does not read it again; a file whose size or mtime changed is hashed anew."""
     root = Path(path)
     if not root.is_dir():
         return {"combined": None, "files": {}, "note": f"{path} is not a local folder"}
+    known = {}
+    if memo is not None and Path(memo).is_file():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            known = json.loads(Path(memo).read_text())
     exts = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".py")
-    files = {
-        p.relative_to(root).as_posix(): _sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.suffix in exts
-    }
+    files, seen = {}, {}
+    for p in sorted(root.rglob("*")):
+        if not (p.is_file() and p.suffix in exts):
+            continue
+        st, name = p.stat(), p.relative_to(root).as_posix()
+        stamp = [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        hit = known.get(name)
+        files[name] = hit["sha256"] if hit and hit.get("stamp") == stamp else _sha256_file(p)
+        seen[name] = {"stamp": stamp, "sha256": files[name]}
+    if memo is not None:
+        Path(memo).write_text(json.dumps(seen, indent=1))
     combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return {"combined": combined, "files": files}
 
@@ -696,7 +710,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     processor = load_eval_processor(model_path, args.min_pixels, args.max_pixels)
     model = None if sample_fn is not None else load_model(model_path, args.device)
     t0 = time.time()
-    hashes = model_hashes(model_path)
+    hashes = model_hashes(model_path, memo=out / "model_hashes.json")
     manifest = {
         "command": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])],
         "model": {
