@@ -500,3 +500,19 @@ def test_model_tiny_resolves_through_vppo_tiny(monkeypatch, tmp_path):
 
     monkeypatch.setattr(vppo.tiny, "ensure_tiny_model", lambda *a, **k: tmp_path)
     assert ev._resolve_model("tiny") == str(tmp_path)
+
+
+def test_cache_regrades_instead_of_regenerating_when_only_the_grader_changed(tmp_path):
+    key = {"model": "m", "seed": 0}
+    path = tmp_path / "c.jsonl"
+    cache = ev.ProblemCache(path, key, grader={"v": 1})
+    stale = [{"response": "so \\boxed{0.5}", "extracted": "0.5", "score": 0.0}]  # graded wrong by "v1"
+    cache.add(ev.ProblemResult(3, "b[3]", "\\frac{1}{2}", 9, stale))
+    same = ev.ProblemCache(path, key, grader={"v": 1})
+    assert same.regraded == 0 and same.done[3].samples[0]["score"] == 0.0
+    fixed = ev.ProblemCache(path, key, grader={"v": 2})
+    assert fixed.regraded == 1 and fixed.done[3].samples[0]["score"] == 1.0
+    again = ev.ProblemCache(path, key, grader={"v": 2})
+    assert again.regraded == 0 and again.done[3].samples[0]["score"] == 1.0  # rewritten on disk
+    with pytest.raises(ValueError, match="differing: seed"):
+        ev.ProblemCache(path, {"model": "m", "seed": 1}, grader={"v": 2})

@@ -17,9 +17,9 @@ grading. What makes a number reproducible:
   `generate` would otherwise take the checkpoint's generation_config.json values (Qwen2.5-VL-7B-
   Instruct ships repetition_penalty 1.05, top_k 1);
 - each finished problem is appended to `OUT/cache/<benchmark>.jsonl` (a header line holds the settings
-  key; a run with other settings refuses the cache instead of mixing), so a killed run resumes
-  without regenerating; `OUT/manifest.json` records model and data hashes, prompt template, sampling
-  parameters, seed, grader version and package versions.
+  key; a run with other settings refuses the cache instead of mixing; a changed grader re-grades the
+  cached responses), so a killed run resumes without regenerating; `OUT/manifest.json` records model
+  and data hashes, prompt template, sampling parameters, seed, grader version and package versions.
 
 Outputs in OUT: results.md (tables, beside the paper's numbers when the model is Qwen2.5-VL-7B or
 VPPO-7B), samples.json (every response, its extracted answer and grade), manifest.json.
@@ -290,21 +290,40 @@ class ProblemCache:
     """One JSON line per finished problem, after a header line holding the settings key.
 
     Appends are flushed and fsynced, so a kill loses at most the problem being written; a torn last
-    line is dropped on load. A cache written with other settings raises ValueError on open."""
+    line is dropped on load. A cache whose generation settings (`key`) differ raises ValueError on
+    open. A cache graded by another grader version (`grader`) keeps its responses and is re-graded
+    with the current grader: a grader fix does not cost a regeneration."""
 
-    def __init__(self, path: str | os.PathLike, key: dict):
-        self.path, self.key = Path(path), key
+    def __init__(self, path: str | os.PathLike, key: dict, grader: dict | None = None):
+        self.path, self.key, self.grader = Path(path), key, grader
         self.done: dict[int, ProblemResult] = {}
+        self.regraded = 0
         if self.path.exists() and self.path.stat().st_size:
             self._load()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w") as f:
-                f.write(json.dumps({"header": key}, sort_keys=True) + "\n")
+            self._write([])
+
+    def _header(self) -> str:
+        return json.dumps({"header": self.key, "grader": self.grader}, sort_keys=True)
+
+    def _write(self, results: list[ProblemResult]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(
+                "\n".join([self._header(), *(json.dumps(asdict(r), sort_keys=True) for r in results)]) + "\n"
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def _load(self) -> None:
         lines = self.path.read_text().split("\n")
-        header = json.loads(lines[0]).get("header") if lines[0] else None
+        try:
+            first = json.loads(lines[0])
+        except json.JSONDecodeError:
+            first = {}
+        header = first.get("header")
         if header != self.key:
             diff = sorted(
                 k for k in set(self.key) | set(header or {}) if (header or {}).get(k) != self.key.get(k)
@@ -313,16 +332,24 @@ class ProblemCache:
                 f"cache {self.path} was written with other settings (differing: {', '.join(diff)}); "
                 "evaluate into another --out or pass --fresh to discard it"
             )
-        good = [lines[0]]
+        n_lines = len([ln for ln in lines if ln])
         for line in lines[1:]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn write: the run was killed mid-line; later lines cannot exist
             self.done[rec["index"]] = ProblemResult(**rec)
-            good.append(line)
-        if len(good) < len([ln for ln in lines if ln]):
-            self.path.write_text("\n".join(good) + "\n")  # drop the torn tail before appending
+        results = list(self.done.values())
+        if self.grader is not None and first.get("grader") != self.grader and results:
+            responses = [s["response"] for r in results for s in r.samples]
+            scores, extracted, _ = grade_responses(responses, [r.answer for r in results for _ in r.samples])
+            flat = iter(zip(scores, extracted))
+            for r in results:
+                for s in r.samples:
+                    s["score"], s["extracted"] = next(flat)
+            self.regraded = len(results)
+        if self.regraded or first.get("grader") != self.grader or len(results) + 1 < n_lines:
+            self._write(results)  # new header and grades, or the torn tail dropped, before appending
 
     def add(self, result: ProblemResult) -> None:
         with open(self.path, "a") as f:
@@ -750,12 +777,13 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
             "prompt": {k: manifest["prompt"][k] for k in ("suffix", "chat_template_sha256")},
             "image_pixels": manifest["image_pixels"],
             "problems_sha256": manifest["data"][b.name]["problems_sha256"],
-            "grader": manifest["grader"],
         }
         cache_path = out / "cache" / f"{b.name}.jsonl"
         if args.fresh and cache_path.exists():
             cache_path.unlink()
-        cache = ProblemCache(cache_path, key)
+        cache = ProblemCache(cache_path, key, grader=manifest["grader"])
+        if cache.regraded:
+            print(f"{b.title}: re-graded {cache.regraded} cached problems with the current grader")
         res = evaluate_problems(
             model,
             processor,
