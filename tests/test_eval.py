@@ -358,6 +358,13 @@ def test_killed_evaluation_resumes_without_regenerating(micro, data_dir, tmp_pat
     assert _responses(out) == _responses(tmp_path / "fresh")
 
     calls.clear()
+    limited = _run(micro, data_dir, tmp_path / "limited", "--limit", "2", sample_fn=_count(inner, calls))
+    assert limited["summary"]["geo3k"]["problems"] == 2 and len(calls) == 2
+    grown = _run(micro, data_dir, tmp_path / "limited", "--batch-size", "1", sample_fn=_count(inner, calls))
+    assert calls[2:] == [["geo3k[2]"], ["geo3k[3]"], ["wemath[2]"]]  # a larger --limit reuses the cache
+    assert grown["summary"]["geo3k"]["generated"] == 2
+
+    calls.clear()
     again = _run(micro, data_dir, out, "--batch-size", "1", sample_fn=_count(inner, calls))
     assert calls == [] and again["summary"]["geo3k"]["generated"] == 0
     with pytest.raises(ValueError, match="other settings.*sampling"):
