@@ -171,3 +171,14 @@ def test_synth_is_the_ninth_benchmark(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no data_dir"):
         load_benchmark("geo3k", None)
     assert bm.describe([b])[0]["problems"] == 2
+
+
+def test_entry_names_with_splits_and_subsets():
+    assert bm._entry_matches("MathVerse-testmini-vision-only", "mathverse")
+    assert bm._entry_matches("geometry3k_test", "geo3k") and bm._entry_matches(
+        "MMMU_Pro_standard", "mmmu_pro"
+    )
+    assert not bm._entry_matches("mathverse_test", "mathvision")
+    assert not bm._entry_matches("mmk", "mmk12")
+    info = {"mathverse_testmini": {}, "MathVerse": {}, "geo3k": {}}
+    assert bm.find_entry(info, "mathverse", None) == "MathVerse"  # an exact name wins over name+split

@@ -10,8 +10,8 @@ Two layouts are read, tried in this order for each benchmark:
    JSON lines) of records with `messages` [{"role": "user", "content": "...<image>..."},
    {"role": "assistant", "content": "<label>"}] and `images`, paths relative to DIR (LLaMA-Factory's
    media dir) or to the file's folder. Entry names match a benchmark when they normalise to it
-   (case, `-`, `_` ignored), optionally with a split suffix: "We-Math", "wemath_test" and
-   "geo3k-testmini" all work. The `alpaca` formatting (prompt/query/response columns) is read too.
+   (case, `-`, `_` ignored), optionally followed by a split or subset: "We-Math", "wemath_test" and
+   "MathVerse-testmini-vision-only" all work; an exact name wins, several others are an error. The `alpaca` formatting (prompt/query/response columns) is read too.
 2. The training schema (`problem` with `<image>` placeholders, `answer`, `images`) in parquet:
    `DIR/<name>.parquet` or a folder `DIR/<name>/` (its `test` split when the files name splits).
 
@@ -45,8 +45,8 @@ TITLES = {
     "synth": "synth",
 }
 PAPER_BENCHMARKS = tuple(k for k in TITLES if k != "synth")
-# Other spellings seen in dataset_info files and on the hub (normalised form -> key).
-ALIASES = {"geometry3k": "geo3k", "mathv": "mathvision", "mathvista": None}
+# Other names of a benchmark (normalised form -> key), e.g. the hub's hiyouga/geometry3k.
+ALIASES = {"geometry3k": "geo3k"}
 
 # avg@8 (%) from the paper's Table 1 (vppo.md section 6).
 PAPER_RESULTS = {
@@ -60,7 +60,6 @@ PAPER_RESULTS = {
     },
 }  # fmt: skip
 PAPER_AVG = {"Qwen2.5-VL-7B": 38.3, "VPPO-7B": 57.5}
-_SPLIT_SUFFIXES = ("test", "testmini", "val", "validation", "eval", "dev", "mini", "standard", "vision")
 
 
 @dataclass
@@ -91,9 +90,9 @@ def canonical(name: str) -> str:
     norm = normalize(name)
     if norm in _KEYS:
         return _KEYS[norm]
-    if ALIASES.get(norm):
+    if norm in ALIASES:
         return ALIASES[norm]
-    hit = difflib.get_close_matches(norm, list(_KEYS) + [a for a, k in ALIASES.items() if k], n=1, cutoff=0.5)
+    hit = difflib.get_close_matches(norm, list(_KEYS) + list(ALIASES), n=1, cutoff=0.5)
     hint = f" (did you mean {TITLES[_KEYS.get(hit[0]) or ALIASES[hit[0]]]!r}?)" if hit else ""
     raise ValueError(
         f"benchmarks: unknown benchmark {name!r}{hint}; known: {', '.join(TITLES.values())}, all"
@@ -119,20 +118,17 @@ def resolve_names(spec: str | list[str]) -> list[str]:
 
 
 def _entry_matches(entry: str, key: str) -> bool:
-    norm, target = normalize(entry), normalize(key)
-    if ALIASES.get(norm) == key or norm == target:
-        return True
-    if norm.startswith(target):
-        rest = norm[len(target) :]
-        return rest in _SPLIT_SUFFIXES or any(
-            rest == s1 + s2 for s1 in _SPLIT_SUFFIXES for s2 in _SPLIT_SUFFIXES
-        )
-    return False
+    """An entry or file name names benchmark `key` when it normalises to the key or an alias of it,
+    optionally followed by a split or subset ("geo3k_test", "MathVerse-testmini-vision-only"). No
+    name is a prefix of another benchmark's name, so a prefix cannot pick the wrong benchmark."""
+    norm = normalize(entry)
+    names = [normalize(key)] + [normalize(a) for a, k in ALIASES.items() if k == key]
+    return any(norm.startswith(n) for n in names)
 
 
 def find_entry(info: dict, key: str, info_path: Path) -> str | None:
     """The dataset_info entry for benchmark `key`: an exact (normalised) name first, then name+split."""
-    exact = [e for e in info if normalize(e) == normalize(key) or ALIASES.get(normalize(e)) == key]
+    exact = [e for e in info if normalize(e) == normalize(key)]
     hits = exact or [e for e in info if _entry_matches(e, key)]
     if len(hits) > 1:
         raise ValueError(
