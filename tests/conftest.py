@@ -1,6 +1,11 @@
 import os
 
-import torch
+# The Triton interpreter runs tl.dot through numpy; numpy's OpenBLAS threads spinning against
+# torch's OpenMP threads made those calls ~100x slower here, so numpy's BLAS runs single-threaded
+# (set before torch, which imports numpy).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Kernels are tested on CPU tensors through the Triton interpreter; it must be switched on
 # before `kernels` (and so triton.jit) is first imported.
