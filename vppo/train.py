@@ -165,6 +165,7 @@ class Scored:
     entropy: torch.Tensor
     kl: torch.Tensor | None = None
     k3: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None  # the frozen reference policy's, when algo.kl_coef > 0
 
 
 def _gathered(weight):
@@ -179,36 +180,38 @@ def _gathered(weight):
 
 
 @torch.no_grad()
-def score(hf, ro: Rollout, *, dependency: bool, micro: int, temperature: float, impl: str, ids) -> Scored:
-    """Old log-probs (and with dependency=True the clean-vs-perturbed token statistics) of `ro`."""
+def score(
+    hf, ro: Rollout, *, dependency: bool, micro: int, temperature: float, impl: str, ids, ref=None
+) -> Scored:
+    """Old log-probs of `ro` (with dependency=True also the clean-vs-perturbed token statistics
+    from one read of the lm_head weight, and with a reference model its log-probs)."""
     b, r = ro.response_mask.shape
-    out = {k: torch.zeros(b, r) for k in ("old_logp", "entropy", "kl", "k3")}
-    labels = ro.responses
+    out: dict[str, torch.Tensor] = {}
     for s in range(0, b, micro):
         part = ro.select(range(s, min(s + micro, b)))
         valid = part.response_mask
-        y = labels[s : s + len(part)][valid]
-        h = response_hidden(hf, model_inputs(part, vision_ids=ids.vision, pad_id=ids.pad), ro.prompt_len)
-        h = h[valid.to(h.device)]  # (N, H): response positions only
+        inputs = model_inputs(part, vision_ids=ids.vision, pad_id=ids.pad)
+        h = response_hidden(hf, inputs, ro.prompt_len)
+        rows = valid.to(h.device)
+        h, y = h[rows], part.responses.to(h.device)[rows]  # (N, H), (N,): response positions only
         with _gathered(hf.lm_head.weight):
             w = hf.lm_head.weight
             if dependency:
-                inputs = model_inputs(part, masked=True, vision_ids=ids.vision, pad_id=ids.pad)
-                hm = response_hidden(hf, inputs, ro.prompt_len)[valid.to(h.device)]
-                st = kernels.token_dependency_linear(
-                    h, hm, w, y.to(h.device), temperature=temperature, impl=impl
-                )
+                masked = model_inputs(part, masked=True, vision_ids=ids.vision, pad_id=ids.pad)
+                hm = response_hidden(hf, masked, ro.prompt_len)[rows]
+                st = kernels.token_dependency_linear(h, hm, w, y, temperature=temperature, impl=impl)
                 vals = {"old_logp": st.logp_clean, "entropy": st.entropy, "kl": st.kl, "k3": st.k3}
             else:
-                logp, ent = kernels.token_logprobs_linear(
-                    h, w, y.to(h.device), temperature=temperature, impl=impl
-                )
+                logp, ent = kernels.token_logprobs_linear(h, w, y, temperature=temperature, impl=impl)
                 vals = {"old_logp": logp, "entropy": ent}
+        if ref is not None:
+            hr = response_hidden(ref, inputs, ro.prompt_len)[rows]
+            vals["ref_logp"] = kernels.token_logprobs_linear(
+                hr, ref.lm_head.weight, y, temperature=temperature, impl=impl
+            )[0]
         for k, v in vals.items():
-            out[k][s : s + len(part)][valid] = v.float().cpu()
-    return Scored(
-        out["old_logp"], out["entropy"], out["kl"] if dependency else None, out["k3"] if dependency else None
-    )
+            out.setdefault(k, torch.zeros(b, r))[s : s + len(part)][valid] = v.float().cpu()
+    return Scored(out["old_logp"], out["entropy"], out.get("kl"), out.get("k3"), out.get("ref_logp"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +227,7 @@ class UpdateBatch:
     advantages: torch.Tensor  # (B,) GRPO advantages (before shaping)
     dep_scores: torch.Tensor | None  # (B, R) token dependency (None: GRPO / DAPO)
     token_mask: torch.Tensor | None  # (B, R) TGF mask (None: every valid token)
+    ref_logp: torch.Tensor | None = None  # (B, R) reference log-probs (algo.kl_coef > 0)
 
 
 def loss_config(cfg: Config) -> objective.LossConfig:
@@ -286,6 +290,7 @@ def update(engine, cfg: Config, ub: UpdateBatch, world: int, ids) -> list[dict]:
                     advantages=adv[s : s + micro],
                     token_mask=None if ub.token_mask is None else ub.token_mask[idx],
                     response_mask=pm,
+                    ref_logp=None if ub.ref_logp is None else ub.ref_logp[idx],
                     cfg=lcfg,
                     temperature=cfg.rollout.temperature,
                     loss_scale=scale,
@@ -636,6 +641,7 @@ class Run:
     timer: object
     total_steps: int
     start: int = 0
+    ref: nn.Module | None = None  # frozen reference policy (algo.kl_coef > 0)
 
 
 def setup(cfg: Config) -> Run:
@@ -677,6 +683,9 @@ def setup(cfg: Config) -> Run:
 
     hf = load_policy(cfg)
     engine = build_engine(cfg, hf, world)
+    ref = None
+    if cfg.algo.kl_coef > 0:  # a frozen copy of the initial policy, never wrapped by DeepSpeed
+        ref = load_policy(cfg).eval().requires_grad_(False)
     tok = processor.tokenizer
     eos = eos_ids_of(hf, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -690,6 +699,7 @@ def setup(cfg: Config) -> Run:
         metrics=Metrics(run_dir, rank == 0, cfg.run.tensorboard),
         timer=PhaseTimer(watchdog_seconds=cfg.run.watchdog_seconds or None, nvtx=cfg.run.nvtx, sync=sync),
         total_steps=dv.total_steps,
+        ref=ref,
     )  # fmt: skip
     resume = run.ckpt.resolve_resume(cfg.run.resume)
     if resume is not None:
@@ -754,7 +764,7 @@ def prepare(run: Run, step: int) -> tuple[StepRollout, Scored, UpdateBatch]:
     with timer.phase("score"):
         sc = score(
             run.hf, ro, dependency=vppo_on, micro=cfg.train.logprob_micro_batch,
-            temperature=cfg.rollout.temperature, impl=cfg.train.impl, ids=run.ids,
+            temperature=cfg.rollout.temperature, impl=cfg.train.impl, ids=run.ids, ref=run.ref,
         )  # fmt: skip
     adv = objective.group_advantages(sr.rewards, cfg.rollout.n, eps=cfg.algo.adv_eps)
     dep = token_mask = None
@@ -764,7 +774,7 @@ def prepare(run: Run, step: int) -> tuple[StepRollout, Scored, UpdateBatch]:
             token_mask = kernels.topk_token_mask(
                 dep, ro.response_mask, cfg.algo.topk_ratio, impl=cfg.train.impl
             )
-    return sr, sc, UpdateBatch(ro, sc.old_logp, adv, dep, token_mask)
+    return sr, sc, UpdateBatch(ro, sc.old_logp, adv, dep, token_mask, sc.ref_logp)
 
 
 def train_step(run: Run, step: int) -> dict:
