@@ -539,3 +539,17 @@ def test_cache_regrades_instead_of_regenerating_when_only_the_grader_changed(tmp
     assert again.regraded == 0 and again.done[3].samples[0]["score"] == 1.0  # rewritten on disk
     with pytest.raises(ValueError, match="differing: seed"):
         ev.ProblemCache(path, {"model": "m", "seed": 1}, grader={"v": 2})
+
+
+def test_eval_processor_uses_the_recipe_bounds_for_stock_processors(tmp_path):
+    from vppo.tiny import build_processor, build_tokenizer
+
+    tok = build_tokenizer(["a b c"], vocab_size=300)
+    stock, small = tmp_path / "stock", tmp_path / "small"
+    build_processor(tok, min_pixels=3136, max_pixels=12845056).save_pretrained(
+        stock
+    )  # Qwen2.5-VL-7B-Instruct's
+    build_processor(tok, min_pixels=784, max_pixels=3136).save_pretrained(small)
+    assert ev.image_pixels(ev.load_eval_processor(str(stock), None, None)) == {"min": 200704, "max": 1003520}
+    assert ev.image_pixels(ev.load_eval_processor(str(small), None, None)) == {"min": 784, "max": 3136}
+    assert ev.image_pixels(ev.load_eval_processor(str(stock), 784, 6272)) == {"min": 784, "max": 6272}

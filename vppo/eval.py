@@ -697,6 +697,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--max-pixels", type=int, default=None)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is fastest for tiny models)"
+    )
     ap.add_argument("--fresh", action="store_true", help="discard cached generations in --out")
     ap.add_argument(
         "--strict", action="store_true", help="fail on a broken benchmark row instead of skipping it"
@@ -706,6 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--math-verify", action="store_true", help="also report how often math-verify agrees with the grader"
     )
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     for name in ("samples", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -734,6 +739,8 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     gen = GenSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     processor = load_eval_processor(model_path, args.min_pixels, args.max_pixels)
     model = None if sample_fn is not None else load_model(model_path, args.device)
     t0 = time.time()
