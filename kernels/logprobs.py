@@ -41,6 +41,7 @@ BLOCK_V = 4096  # token_logprobs: vocab block of one row program
 # interpreter, whose cost is per operation (and its dot does not use BLAS).
 LIN_BLOCKS_GPU = (64, 128, 64)
 LIN_BLOCKS_INTERPRET = (64, 2048, 64)
+IGNORE = tl.constexpr(IGNORE_INDEX)  # jit code reads only constexpr globals
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -85,7 +86,7 @@ def _logprobs_fwd_kernel(
     i_n = tl.program_id(0).to(tl.int64)  # rows on grid axis 0: no 65,535 limit
     p_z = z_ptr + i_n * stride_z  # int64: N * V may pass 2^31
     y = tl.load(y_ptr + i_n).to(tl.int64)
-    ignore = y == IGNORE_INDEX
+    ignore = y == IGNORE
     # one row as a [1, BLOCK] tile so that it shares _online_update with the linear kernel
     m = tl.full([1], float("-inf"), tl.float32)
     s = tl.zeros([1], tl.float32)
@@ -126,7 +127,7 @@ def _logprobs_bwd_kernel(
     p_z = z_ptr + i_n * stride_z
     p_dz = dz_ptr + i_n * stride_dz  # may equal p_z (in place): each block is read before written
     y = tl.load(y_ptr + i_n).to(tl.int64)
-    keep = y != IGNORE_INDEX
+    keep = y != IGNORE
     g_lp = tl.where(keep, tl.load(dlogp_ptr + i_n), 0.0)
     g_h = tl.where(keep, tl.load(dent_ptr + i_n), 0.0)
     ent = tl.load(ent_ptr + i_n)
@@ -215,7 +216,7 @@ def _linear_fwd_kernel(
     i_n = tl.program_id(0)  # row blocks on grid axis 0
     o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)
     m_n = o_n < N
-    y = tl.load(y_ptr + o_n, mask=m_n, other=IGNORE_INDEX).to(tl.int64)
+    y = tl.load(y_ptr + o_n, mask=m_n, other=IGNORE).to(tl.int64)
     m = tl.full([BN], float("-inf"), tl.float32)
     s = tl.zeros([BN], tl.float32)
     t = tl.zeros([BN], tl.float32)
@@ -228,7 +229,7 @@ def _linear_fwd_kernel(
         m, s, t = _online_update(m, s, t, b_z, T)
         z_y += tl.sum(tl.where(o_v[None, :] == y[:, None], b_z, 0.0), axis=1)  # exactly one tile hits
     logs = tl.log(s)
-    keep = y != IGNORE_INDEX
+    keep = y != IGNORE
     tl.store(logp_ptr + o_n, tl.where(keep, (z_y - m) / T - logs, 0.0), mask=m_n)
     tl.store(ent_ptr + o_n, tl.where(keep, logs - t / s, 0.0), mask=m_n)
     tl.store(m_ptr + o_n, m, mask=m_n)
@@ -268,8 +269,8 @@ def _linear_dz_kernel(
     m_n = o_n < N
     m_v = o_v < c1
     b_z = _logits_tile(h_ptr, w_ptr, o_n, m_n, o_v, m_v, H, stride_h, stride_w, BN, BV, BH, UPCAST, IEEE)
-    y = tl.load(y_ptr + o_n, mask=m_n, other=IGNORE_INDEX).to(tl.int64)
-    keep = y != IGNORE_INDEX
+    y = tl.load(y_ptr + o_n, mask=m_n, other=IGNORE).to(tl.int64)
+    keep = y != IGNORE
     g_lp = tl.where(keep, tl.load(dlogp_ptr + o_n, mask=m_n, other=0.0), 0.0)[:, None]
     g_h = tl.where(keep, tl.load(dent_ptr + o_n, mask=m_n, other=0.0), 0.0)[:, None]
     ent = tl.load(ent_ptr + o_n, mask=m_n, other=0.0)[:, None]
@@ -511,7 +512,7 @@ def _lin_flags(hidden):
 
 
 def _lin_blocks(hidden):
-    bn, bv, bh = LIN_BLOCKS_GPU if hidden.is_cuda else LIN_BLOCKS_INTERPRET
+    bn, bv, bh = LIN_BLOCKS_INTERPRET if INTERPRET else LIN_BLOCKS_GPU
     n, h = hidden.shape
     return min(bn, max(16, triton.next_power_of_2(n))), bv, min(bh, max(16, triton.next_power_of_2(h)))
 
