@@ -152,6 +152,8 @@ def test_inputs_untouched_and_no_grad(impl):
     out = kernels.token_dependency(z, w, torch.arange(5), temperature=0.5, impl=impl)
     assert torch.equal(z.detach(), z0) and torch.equal(w.detach(), w0)
     assert not any(x.requires_grad for x in out)
+    out32 = kernels.token_dependency(z, w, torch.arange(5, dtype=torch.int32), temperature=0.5, impl=impl)
+    assert all(torch.equal(a, b) for a, b in zip(out, out32))
 
 
 def test_torch_impl_chunks_rows(monkeypatch):
@@ -338,3 +340,47 @@ def test_kernels_compile_for_gpus_without_spills(tmp_path):
     log = [line for line in (r.stdout + r.stderr).splitlines() if "spill stores" in line]
     assert len(log) == 3 * 2 + 3 + 1, log  # one ptxas report per kernel compiled
     assert all(" 0 bytes spill stores" in line for line in log), log
+
+
+# Memory traffic under the interpreter ---------------------------------------------------------
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Counts the bytes each load requests under the interpreter (masked-in lanes x element size),
+    keyed by (element type, block shape)."""
+    from triton.runtime import interpreter
+
+    counts: dict = {}
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting(self, ptrs, mask, *args, **kwargs):
+        ret = original(self, ptrs, mask, *args, **kwargs)
+        key = (str(ptrs.get_element_ty()), tuple(ptrs.data.shape))
+        counts[key] = counts.get(key, 0) + int(mask.data.sum()) * ret.data.itemsize
+        return ret
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_each_logit_is_read_once(loads, dtype):
+    n, v = 5, 9000  # 3 blocks a row, the last partial
+    z, w = torch.randn(n, v).to(dtype), torch.randn(n, v).to(dtype)
+    y = torch.tensor([1, IGNORE_INDEX, 8999, 4096, 0])
+    kernels.token_dependency(z, w, y, impl="triton")
+    s = z.element_size()
+    logits = sum(b for (ty, _), b in loads.items() if ty != "int64")
+    assert logits == 2 * (n - 1) * v * s  # both tensors once; the ignored row not at all
+    assert sum(loads.values()) == logits + n * 8  # plus the labels
+
+
+def test_linear_loads_each_weight_tile_once_per_row_block(loads):
+    import kernels.dependency as dep
+
+    hc, hm, w, y = _hidden_case(torch.bfloat16, n=70, h=96, v=1000)
+    kernels.token_dependency_linear(hc, hm, w, y, impl="triton")
+    bn, bv, bh, _ = dep._linear_blocks(2)
+    weight = loads[("bf16", (bv, bh))]
+    assert weight == -(-70 // bn) * 1000 * 96 * 2  # serves both hidden states
