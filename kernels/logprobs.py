@@ -41,6 +41,7 @@ BLOCK_V = 4096  # token_logprobs: vocab block of one row program
 # interpreter, whose cost is per operation (and its dot does not use BLAS).
 LIN_BLOCKS_GPU = (64, 128, 64)
 LIN_BLOCKS_INTERPRET = (64, 2048, 64)
+LIN_WARPS, LIN_STAGES = 8, 3
 IGNORE = tl.constexpr(IGNORE_INDEX)  # jit code reads only constexpr globals
 
 
@@ -542,7 +543,8 @@ def _lin_fwd_triton(hidden, weight, labels, t):
             BV=bv,
             BH=bh,
             **_lin_flags(hidden),
-            num_warps=8,
+            num_warps=LIN_WARPS,
+            num_stages=LIN_STAGES,
         )
     return logp, ent, m, logs
 
@@ -591,7 +593,8 @@ def _lin_bwd_triton(hidden, weight, labels, t, dlogp, dent, ent, m, logs, need_h
             BH=bh,
             FIX_BF16=INTERPRET,
             **flags,
-            num_warps=8,
+            num_warps=LIN_WARPS,
+            num_stages=LIN_STAGES,
         )
         if need_h:
             _linear_dh_kernel[(triton.cdiv(n, bn), triton.cdiv(h, bh))](
@@ -609,7 +612,8 @@ def _lin_bwd_triton(hidden, weight, labels, t, dlogp, dent, ent, m, logs, need_h
                 BK=bv,
                 ACCUM=c0 > 0,
                 **flags,
-                num_warps=8,
+                num_warps=LIN_WARPS,
+                num_stages=LIN_STAGES,
             )
         if need_w:
             _linear_dw_kernel[(triton.cdiv(c1 - c0, bv), triton.cdiv(h, bh))](
@@ -628,7 +632,8 @@ def _lin_bwd_triton(hidden, weight, labels, t, dlogp, dent, ent, m, logs, need_h
                 BK=bn,
                 FIX_BF16=INTERPRET,
                 **flags,
-                num_warps=8,
+                num_warps=LIN_WARPS,
+                num_stages=LIN_STAGES,
             )
     return (dh.to(hidden.dtype) if need_h else None), dw
 

@@ -27,7 +27,8 @@ def _run(fn, z, y, g, **kw):
 
 
 def _err(x, r):
-    return float((x.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1.0))
+    x, r = x.detach().double(), r.detach().double()
+    return float((x - r).abs().max() / r.abs().max().clamp_min(1.0))
 
 
 def _float64(z, y, temperature=1.0):

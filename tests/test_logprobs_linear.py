@@ -2,7 +2,13 @@
 against kernels.reference: values and gradients w.r.t. hidden and weight by the three-way rule,
 determinism, requires_grad handling, and the torch impl's memory at the 7B shape."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +235,60 @@ def test_torch_impl_never_holds_n_by_v_at_7b_shape():
     assert bwd - outputs < nv // 4, bwd
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
     assert (h.grad[::7] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tile_sizes(dtype, monkeypatch):
+    # the interpreter runs wide vocab tiles; check the GPU tiling (128 columns, 64-row blocks,
+    # a scratch chunk of 256 columns) on a small shape too
+    monkeypatch.setattr(lp_mod, "LIN_BLOCKS_INTERPRET", lp_mod.LIN_BLOCKS_GPU)
+    monkeypatch.setattr(lp_mod, "SCRATCH_BYTES", 70 * 256 * 4)
+    h, w, y = _inputs(70, 80, 600, dtype, ignore=[0])
+    _three_way(h, w, y, "triton", temperature=0.9)
+
+
+_COMPILE = r"""
+import json, sys
+import torch
+from bench import gpu_compile as gc
+
+out, seen = [], set()
+for dt in (torch.bfloat16, torch.float32):
+    for name, thunk in gc.public_calls(gc.QWEN, dt):
+        if name not in ("token_logprobs", "token_logprobs_linear"):
+            continue
+        with gc.record_launches([name]) as launches:
+            thunk()
+        for launch in launches:
+            copy = gc.Launch(launch.fn, launch.args, dict(launch.kwargs), launch.origin)  # specialize pops
+            sig, consts, attrs, options = gc.specialize(copy)
+            key = (launch.fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)))
+            key += (repr(sorted(options.items())),)
+            if key not in seen:
+                seen.add(key)
+                rec = gc.compile_launch(launch, 90)
+                keep = ("kernel", "status", "registers", "spill_bytes", "num_warps")
+                out.append({k: rec.get(k) for k in keep})
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_h100_without_spills():
+    # The interpreter accepts code the GPU compiler rejects (a plain global IGNORE_INDEX once):
+    # compile every launch of both public functions at the 7B shape for sm_90a, ahead of time.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-aot-logprobs-")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads(r.stdout.strip().splitlines()[-1])
+    names = {rec["kernel"] for rec in recs}
+    assert names == {
+        "_logprobs_fwd_kernel",
+        "_logprobs_bwd_kernel",
+        "_linear_fwd_kernel",
+        "_linear_dz_kernel",
+        "_linear_dh_kernel",
+        "_linear_dw_kernel",
+    }, names
+    assert all(rec["status"] == "ok" for rec in recs), recs
