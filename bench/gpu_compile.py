@@ -324,7 +324,8 @@ def report(
                     )
                     for cap in archs:
                         if (key, cap) in seen:
-                            seen[key, cap]["shapes"].add(f"{label}")
+                            seen[key, cap]["shapes"].add(label)
+                            seen[key, cap]["dtypes"].add(dt)  # e.g. a merge kernel of fp32 partials
                             continue
                         prev = [seen[key, c] for c in archs if (key, c) in seen]
                         if prev and prev[0]["status"].startswith("compile timeout"):
@@ -334,13 +335,15 @@ def report(
                             )
                         else:
                             rec = compile_limited(launch, cap, timeout)
-                        rec.update(shape=label, dtype=dt, shapes={label})
+                        rec.update(shapes={label}, dtypes={dt})
                         seen[key, cap] = rec
                         records.append(rec)
                         if log:
                             log(_line(rec, label, dt))
-    for r in records:
-        r["shape"] = "+".join(sorted(r.pop("shapes")))
+    for r in records:  # a compile shared by shapes / input dtypes lists them all
+        r["shape"] = "+".join(sorted(r.pop("shapes"), reverse=True))
+        r["dtypes"] = sorted(r["dtypes"])
+        r["dtype"] = "+".join(r["dtypes"])
     return dict(kernels=records, calls=calls, shapes=shapes, wall_s=round(time.perf_counter() - t_start, 1))
 
 
