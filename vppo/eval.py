@@ -783,8 +783,9 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
             "seed": args.seed,
             "prompt": {k: manifest["prompt"][k] for k in ("suffix", "chat_template_sha256")},
             "image_pixels": manifest["image_pixels"],
-            # The source files, not the (limited) problem list: a larger --limit reuses the cache.
-            "files_sha256": manifest["data"][b.name]["files_sha256"],
+            # The source files' contents (not their paths, not the limited problem list): a moved data
+            # folder or a larger --limit reuses the cache.
+            "files_sha256": sorted(manifest["data"][b.name]["files_sha256"].values()),
         }
         cache_path = out / "cache" / f"{b.name}.jsonl"
         if args.fresh and cache_path.exists():
