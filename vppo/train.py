@@ -137,8 +137,13 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:  # a free loopback port for the one-rank group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        os.environ.setdefault("MASTER_PORT", str(port))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,225 @@
+"""The training loop on a micro Qwen2.5-VL: one step in-process, and the run-level guarantees
+(distributed equivalence, kill-and-resume, config errors) in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_micro_model, make_synth
+
+from vppo.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# the in-process tests set up a one-rank group; subprocesses must not inherit its rendezvous
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    return make_micro_model(d / "model"), make_synth(d / "synth", n_train=32, n_val=4, n_test=4)
+
+
+def _overrides(assets, out, *extra):
+    model, synth = assets
+    return [
+        f"model.path={model}",
+        f"data.train={synth / 'train.parquet'}",
+        f"data.val={synth / 'val.parquet'}",
+        f"run.output_dir={out}",
+        "rollout.rollout_batch_size=4",
+        "rollout.n=4",
+        "rollout.max_response_len=12",
+        "train.global_batch=2",
+        "train.micro_batch=4",
+        "train.logprob_micro_batch=8",
+        "train.total_steps=3",
+        "train.weight_decay=0.0",
+        "train.lr=1e-3",
+        "train.impl=torch",
+        "run.val_every=0",
+        "run.tensorboard=false",
+        *extra,
+    ]
+
+
+def _setup(assets, out, *extra):
+    from vppo.train import setup
+
+    return setup(load_config(None, _overrides(assets, out, *extra)))
+
+
+def test_vppo_step_moves_every_trainable_parameter(assets, tmp_path):
+    from vppo.train import train_step
+
+    run = _setup(assets, tmp_path)
+    before = {k: p.detach().clone() for k, p in run.hf.named_parameters() if p.requires_grad}
+    rec = train_step(run, 1)
+    after = dict(run.hf.named_parameters())
+    frozen = [k for k, v in before.items() if torch.equal(v, after[k].detach())]
+    assert not frozen, f"parameters unchanged by a step: {frozen[:5]}"
+    assert rec["skipped_steps"] == 0 and math.isfinite(rec["grad_norm"]) and rec["grad_norm"] > 0
+    assert 0 < rec["kept_frac"] < 1 and rec["dep_mean"] >= 0
+
+
+def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_path):
+    from vppo.train import prepare
+
+    run = _setup(assets, tmp_path)
+    sr, sc, ub = prepare(run, 1)
+    ro = ub.ro
+    for clean, masked, grid in zip(ro.pixel_values, ro.masked_pixel_values, ro.image_grid_thw):
+        assert masked.shape == clean.shape and grid.shape[0] >= 1
+        assert not torch.equal(masked, clean)
+    valid = ro.response_mask
+    assert float(sc.kl[valid].max()) > 1e-6  # the masked pass really saw a different image
+    assert torch.all(sc.kl[~valid] == 0)
+    lengths = valid.sum(-1)
+    want = torch.tensor([math.ceil(0.4 * int(n) - 1e-9) for n in lengths])
+    assert torch.equal(ub.token_mask.sum(-1), want)
+    assert not bool((ub.token_mask & ~valid).any())
+
+
+def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
+    from vppo.train import prepare, update
+
+    run = _setup(assets, tmp_path)
+    _, _, ub = prepare(run, 1)
+    ub.advantages = ub.advantages.clone()
+    ub.advantages[0] = float("nan")  # poisons the first optimizer step only
+    before = {k: p.detach().clone() for k, p in run.hf.named_parameters()}
+    steps = update(run.engine, run.cfg, ub, run.world, run.ids)
+    assert [s["skipped"] for s in steps] == [True, False]
+    assert not math.isfinite(steps[0]["grad_norm"])
+    assert run.engine.vppo_guard.skipped == 1
+    # the second step ran from the untouched weights and moments
+    assert any(not torch.equal(before[k], p.detach()) for k, p in run.hf.named_parameters())
+
+
+def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
+    from vppo.train import prepare, score
+
+    run = _setup(assets, tmp_path)
+    _, sc, ub = prepare(run, 1)
+    ro = ub.ro
+    pad_id = run.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ro.input_ids[0, ro.prompt_len] = pad_id  # a sampled vision token inside the response
+    again = score(run.hf, ro, dependency=True, micro=3, temperature=1.0, impl="torch", ids=run.ids)
+    assert torch.isfinite(again.old_logp).all()
+    assert (again.old_logp <= 0).all()
+    # rows without the token are scored exactly as before, whatever the micro-batch size
+    torch.testing.assert_close(again.old_logp[1:], sc.old_logp[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_with_a_reference_policy_starts_at_zero_kl(assets, tmp_path):
+    from vppo.train import prepare, update
+
+    run = _setup(
+        assets, tmp_path, "algo.name=grpo", "algo.shaping=none", "algo.topk_ratio=1.0", "algo.kl_coef=0.01"
+    )
+    _, sc, ub = prepare(run, 1)
+    assert ub.dep_scores is None and ub.token_mask is None and sc.kl is None
+    valid = ub.ro.response_mask
+    # the reference is the initial policy: same log-probs, so the KL term starts at zero
+    torch.testing.assert_close(sc.ref_logp[valid], sc.old_logp[valid], rtol=0, atol=1e-5)
+    steps = update(run.engine, run.cfg, ub, run.world, run.ids)
+    assert abs(steps[0]["kl_loss"]) < 1e-5 and not steps[0]["skipped"]
+
+
+def test_bad_config_fails_before_any_model_is_loaded(tmp_path):
+    env = _env()
+    for args, needle in (
+        (["algo.topk_ration=0.5"], "algo.topk_ratio"),
+        (["train.lr=fast"], "train.lr"),
+        (["train.micro_batch=7"], "train.micro_batch"),
+    ):
+        t0 = time.time()
+        p = subprocess.run(
+            [sys.executable, "-m", "vppo.train", f"run.output_dir={tmp_path}", *args],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert needle in p.stderr
+        assert "Loading weights" not in p.stderr and time.time() - t0 < 60
+
+
+def _worker(tmp, nproc, rollout, out, overrides):
+    port = str(29600 + nproc + os.getpid() % 300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
+           str(ROOT / "tests" / "dist_update_worker.py"), str(rollout), str(out), *overrides]  # fmt: skip
+    env = _env(OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(assets, tmp_path):
+    from vppo.train import prepare
+
+    extra = ("algo.shaping=global", "train.deepspeed=configs/ds_zero2.json")
+    run = _setup(assets, tmp_path / "gen", *extra)
+    _, _, ub = prepare(run, 1)
+    rollout = tmp_path / "rollout.pt"
+    torch.save({"batch": ub, "ids": run.ids}, rollout)
+    ov = _overrides(assets, tmp_path / "w", *extra)
+    one = _worker(tmp_path, 1, rollout, tmp_path / "one.pt", ov)
+    two = _worker(tmp_path, 2, rollout, tmp_path / "two.pt", ov)
+    assert len(one["losses"]) == 2  # two optimizer steps
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    init = {k: v for k, v in run.hf.state_dict().items()}
+    moved = 0
+    for k, v in one["state"].items():
+        torch.testing.assert_close(two["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.equal(v, init[k])
+    assert moved > 0
+
+
+def _train_cmd(assets, out):
+    ov = _overrides(assets, out, "run.save_every=1", "run.keep_last=5", "run.export_hf=false")
+    return [sys.executable, "-m", "vppo.train", *ov]
+
+
+def _records(out):
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(assets, tmp_path):
+    env = _env(OMP_NUM_THREADS="1")
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = subprocess.run(_train_cmd(assets, a), capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen(_train_cmd(assets, b), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    first = b / "checkpoints" / "step-00000001" / "meta.json"
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "no first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(d.name for d in (b / "checkpoints").glob("step-*") if (d / "meta.json").exists())
+    assert done and done[-1] != "step-00000003", "the run finished before it was killed"
+    p = subprocess.run(_train_cmd(assets, b), capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout
+    ra, rb = _records(a), _records(b)
+    assert sorted(rb) == sorted(ra) == [1, 2, 3]
+    for step in (2, 3):
+        for key in ("reward", "loss", "grad_norm", "response_len", "dep_mean", "alpha_mean"):
+            assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-5, abs=1e-7), (step, key)
