@@ -483,7 +483,7 @@ class _TokenLogprobs(torch.autograd.Function):
         bwd = _bwd_triton if ctx.impl == "triton" else _bwd_torch
         dlogp, dent = dlogp.float().contiguous(), dent.float().contiguous()
         dz = bwd(logits, labels, ctx.t, dlogp, dent, ent, m, logs, ctx.inplace)
-        return dz, None, None, None, None
+        return dz.detach(), None, None, None, None  # in place: the logits buffer, now holding d logits
 
 
 def token_logprobs(logits, labels, *, temperature: float = 1.0, impl: str = "auto", inplace_backward=False):
@@ -640,11 +640,10 @@ def _lin_bwd_triton(hidden, weight, labels, t, dlogp, dent, ent, m, logs, need_h
 
 def _lin_chunks(n: int, v: int):
     """(vocab chunks, row chunks) whose [rows, cols] blocks hold at most CHUNK_ELEMS elements."""
-    cols = min(v, max(1024, CHUNK_ELEMS // max(n, 1)))
-    rows = min(n, max(1, CHUNK_ELEMS // cols))
-    return [(c, min(c + cols, v)) for c in range(0, v, cols)], [
-        (r, min(r + rows, n)) for r in range(0, n, rows)
-    ]
+    cols = max(1, min(v, max(1024, CHUNK_ELEMS // max(n, 1))))
+    rows = max(1, min(n, CHUNK_ELEMS // cols))
+    vocab = [(c, min(c + cols, v)) for c in range(0, v, cols)]
+    return vocab, [(r, min(r + rows, n)) for r in range(0, n, rows)]
 
 
 def _online_update_torch(m, s, t, z, temp):
@@ -738,8 +737,10 @@ def token_logprobs_linear(hidden, weight, labels, *, temperature: float = 1.0, i
     hidden [N, H] and weight [V, H] (the lm_head), same float dtype and device, unit column
     stride; labels [N] int64/int32 in [0, V) or -100 (ignored). Returns (logp [N] float32,
     entropy [N] float32), differentiable w.r.t. hidden and weight (gradients only to those with
-    requires_grad). Triton: fp32-accumulated tiles, bitwise reproducible; torch: vocabulary x
-    row chunks of at most CHUNK_ELEMS logits, never an [N, V] tensor, forward or backward.
+    requires_grad). Triton: fp32-accumulated tiles, bitwise reproducible run after run; its
+    backward's only large buffer is the [N, chunk] d-logits scratch (<= SCRATCH_BYTES, 256 MB).
+    torch: vocabulary x row chunks of at most CHUNK_ELEMS logits, never an [N, V] tensor, forward
+    or backward. d hidden / d weight come back in the input dtype.
     """
     check_float("hidden", hidden, 2)
     check_float("weight", weight, 2)

@@ -52,6 +52,7 @@ def _three_way(z, y, impl, temperature=1.0, check_fp32_reference=True, **kw):
     truth = _run(_float64, z.double(), y, g, temperature=temperature)
     same = _run(ref.token_logprobs, z, y, g, temperature=temperature)
     assert out[2].dtype == z.dtype and out[0].dtype == out[1].dtype == torch.float32
+    assert (out[0] <= 0).all() and (out[1] >= 0).all()
     for name, k, r, s in zip(("logp", "entropy", "grad"), out, truth, same):
         assert torch.isfinite(k).all(), name
         ek, es = _err(k, r), _err(s, r)
@@ -248,3 +249,15 @@ def test_low_precision_grad_is_fp32_grad_rounded_once(impl, dtype):
     f32 = _run(kernels.token_logprobs, z.float(), y, g, impl=impl, temperature=0.7)
     assert torch.equal(low[0], f32[0]) and torch.equal(low[1], f32[1])
     assert torch.equal(low[2], f32[2].to(dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch_and_int32_labels(impl):
+    z = torch.randn(0, 10, requires_grad=True)
+    logp, ent = kernels.token_logprobs(z, torch.zeros(0, dtype=torch.long), impl=impl)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == (0,) and z.grad.shape == (0, 10)
+    z, y = torch.randn(3, 10), torch.tensor([1, -100, 9])
+    a = kernels.token_logprobs(z, y, impl=impl)
+    b = kernels.token_logprobs(z, y.int(), impl=impl)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

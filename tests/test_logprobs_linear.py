@@ -46,6 +46,7 @@ def _three_way(h, w, y, impl, temperature=1.0, check_fp32_reference=True):
     truth = _run(_float64_linear, h.double(), w.double(), y, g, temperature=temperature)
     same = _run(ref.token_logprobs_linear, h, w, y, g, temperature=temperature)
     assert out[2].dtype == out[3].dtype == h.dtype and out[0].dtype == out[1].dtype == torch.float32
+    assert (out[0] <= 0).all() and (out[1] >= 0).all()
     for name, k, r, s in zip(("logp", "entropy", "d hidden", "d weight"), out, truth, same):
         assert torch.isfinite(k).all(), name
         ek, es = _err(k, r), _err(s, r)
@@ -292,3 +293,11 @@ def test_kernels_compile_for_h100_without_spills():
         "_linear_dw_kernel",
     }, names
     assert all(rec["status"] == "ok" for rec in recs), recs
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+    h, w = torch.randn(0, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    logp, ent = kernels.token_logprobs_linear(h, w, torch.zeros(0, dtype=torch.long), impl=impl)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == (0,) and h.grad.shape == (0, 8) and not w.grad.any()
