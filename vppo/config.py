@@ -689,6 +689,8 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
     )
     p.add_argument("--config", metavar="FILE", default=None, help="YAML config (default: the tiny CPU run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the deepspeed launcher appends --local_rank=N (LOCAL_RANK is read from the environment)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.lr=1e-6"
     )
