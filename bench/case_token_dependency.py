@@ -75,8 +75,8 @@ CASES = [
         make_inputs=make_inputs,
         providers=dict(naive=_naive, compile=_compile, torch=_torch, triton=_triton, liger=_liger),
         cpu_shapes=[
-            Shape(N=64, **QWEN),
-            Shape(N=256, **QWEN),
+            Shape(N=32, **QWEN),
+            Shape(N=128, **QWEN),
             Shape(N=1024, **SMALL),
             Shape(N=2048, **QWEN, memory_only=True),
         ],

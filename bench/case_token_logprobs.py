@@ -94,8 +94,8 @@ def _case(backward: bool) -> Case:
         make_inputs=make_inputs,
         providers=providers(backward),
         cpu_shapes=[
-            Shape(N=64, **QWEN),
-            Shape(N=256, **QWEN),
+            Shape(N=32, **QWEN),
+            Shape(N=128, **QWEN),
             Shape(N=1024, **SMALL),
             Shape(N=2048, **QWEN, memory_only=True),
         ],

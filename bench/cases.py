@@ -149,12 +149,15 @@ def kept(n: int, ignore_every: int = 16) -> int:
 
 
 def not_written(fn: Callable[[], object]) -> Callable[[], object]:
-    """Call fn once to find out whether the kernel behind it exists yet."""
-    try:
-        fn()
-    except NotImplementedError as e:
-        raise Unavailable(f"not written yet: {e}") from None
-    return fn
+    """fn, with a kernel that is not written yet reported as Unavailable when first called."""
+
+    def run():
+        try:
+            return fn()
+        except NotImplementedError as e:
+            raise Unavailable(f"not written yet: {e}") from None
+
+    return run
 
 
 def compiled(fn: Callable, key: str) -> Callable:
