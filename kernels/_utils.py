@@ -97,6 +97,27 @@ def check_ratio(ratio: float) -> float:
     return r
 
 
+def check_topk_inputs(scores: torch.Tensor, response_mask: torch.Tensor, ratio: float):
+    """Checks of topk_token_mask's arguments; returns (valid [B, T] bool, k [B] int64)."""
+    check_float("scores", scores, 2)
+    if not isinstance(response_mask, torch.Tensor) or response_mask.shape != scores.shape:
+        raise ValueError(
+            f"response_mask must be a tensor of the scores shape {tuple(scores.shape)}, "
+            f"got {getattr(response_mask, 'shape', type(response_mask).__name__)}"
+        )
+    if response_mask.device != scores.device:
+        raise ValueError(
+            f"response_mask device {response_mask.device} does not match scores device {scores.device}"
+        )
+    if response_mask.dtype.is_floating_point or response_mask.dtype.is_complex:
+        raise ValueError(f"response_mask must be bool or integer, got {response_mask.dtype}")
+    ratio = check_ratio(ratio)
+    valid = response_mask.bool()
+    if bool((torch.isnan(scores) & valid).any()):
+        raise ValueError("scores contains NaN at a valid position")
+    return valid, topk_counts(valid.sum(-1), ratio)  # k computed once so every impl agrees
+
+
 def topk_counts(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     """k = ceil(ratio * L) per row, computed in float64 with a guard against products such as
     0.7 * 10 = 7.000000000000001 rounding up to one token too many. int64, same device."""

@@ -13,10 +13,9 @@ from ._utils import (
     TokenStats,
     check_float,
     check_labels,
-    check_ratio,
     check_same,
     check_temperature,
-    topk_counts,
+    check_topk_inputs,
 )
 
 
@@ -98,23 +97,7 @@ def token_logprobs_linear(hidden, weight, labels, *, temperature: float = 1.0):
 def topk_token_mask(scores, response_mask, ratio: float) -> torch.Tensor:
     """[B, T] bool: in each row the ceil(ratio * L) valid positions with the largest scores,
     ties to the lower position; invalid positions False."""
-    check_float("scores", scores, 2)
-    if not isinstance(response_mask, torch.Tensor) or response_mask.shape != scores.shape:
-        raise ValueError(
-            f"response_mask must be a tensor of the scores shape {tuple(scores.shape)}, "
-            f"got {getattr(response_mask, 'shape', type(response_mask).__name__)}"
-        )
-    if response_mask.device != scores.device:
-        raise ValueError(
-            f"response_mask device {response_mask.device} does not match scores device {scores.device}"
-        )
-    if response_mask.dtype.is_floating_point or response_mask.dtype.is_complex:
-        raise ValueError(f"response_mask must be bool or integer, got {response_mask.dtype}")
-    ratio = check_ratio(ratio)
-    valid = response_mask.bool()
-    if bool(torch.isnan(scores[valid]).any()):
-        raise ValueError("scores contains NaN at a valid position")
-    counts = topk_counts(valid.sum(-1), ratio)
+    valid, counts = check_topk_inputs(scores, response_mask, ratio)
     out = torch.zeros_like(valid)
     for b in range(scores.shape[0]):
         idx = valid[b].nonzero().squeeze(-1)

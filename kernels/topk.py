@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float, check_ratio, resolve_impl, topk_counts
+from ._utils import check_topk_inputs, resolve_impl
 
 
 @triton.jit
@@ -124,24 +124,8 @@ def topk_token_mask(
     ratio: in (0, 1]. Returns [B, T] bool with exactly ceil(ratio * L) of the L valid positions
     of each row True (kernels._utils.topk_counts), the largest scores, ties to the lower position.
     """
-    check_float("scores", scores, 2)
-    if not isinstance(response_mask, torch.Tensor) or response_mask.shape != scores.shape:
-        raise ValueError(
-            f"response_mask must be a tensor of the scores shape {tuple(scores.shape)}, "
-            f"got {getattr(response_mask, 'shape', type(response_mask).__name__)}"
-        )
-    if response_mask.device != scores.device:
-        raise ValueError(
-            f"response_mask device {response_mask.device} does not match scores device {scores.device}"
-        )
-    if response_mask.dtype.is_floating_point or response_mask.dtype.is_complex:
-        raise ValueError(f"response_mask must be bool or integer, got {response_mask.dtype}")
-    ratio = check_ratio(ratio)
+    valid, k = check_topk_inputs(scores, response_mask, ratio)
     impl = resolve_impl(impl, scores)
-    valid = response_mask.bool()
-    if bool((torch.isnan(scores) & valid).any()):
-        raise ValueError("scores contains NaN at a valid position")
-    k = topk_counts(valid.sum(-1), ratio)  # (B,) computed once so every impl agrees
     if impl == "triton":
         return _topk_triton(scores, valid, k)
     return _topk_torch(scores, valid, k)
