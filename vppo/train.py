@@ -270,6 +270,7 @@ def shaped_advantages(cfg: Config, ub: UpdateBatch, rows: slice) -> tuple[torch.
 def update(engine, cfg: Config, ub: UpdateBatch, world: int, ids) -> list[dict]:
     """ppo_epochs passes of optimizer steps over one rank's batch; returns per-step stats."""
     lcfg, micro = loss_config(cfg), cfg.train.micro_batch
+    gas = engine.gradient_accumulation_steps()
     per_step = cfg.train.global_batch * cfg.rollout.n // world
     steps = []
     for _ in range(cfg.train.ppo_epochs):
@@ -298,13 +299,15 @@ def update(engine, cfg: Config, ub: UpdateBatch, world: int, ids) -> list[dict]:
                     ref_logp=None if ub.ref_logp is None else ub.ref_logp[idx],
                     cfg=lcfg,
                     temperature=cfg.rollout.temperature,
-                    loss_scale=scale,
+                    loss_scale=scale * gas,
                     impl=cfg.train.impl,
                 )
-                # gradients sum to the global token mean: no extra division by the accumulation
-                engine.backward(loss, scale_wrt_gas=False)
+                # DeepSpeed divides by the accumulation steps even with scale_wrt_gas=False (0.19's
+                # output hook), so the loss carries a factor gas that its documented division removes:
+                # the gradients sum to the global token mean whatever the micro-batch size
+                engine.backward(loss)
                 engine.step()
-                step_loss += float(loss.detach())
+                step_loss += float(loss.detach()) / gas
                 agg.append(stats)
             guard = engine.vppo_guard
             steps.append(
