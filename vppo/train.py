@@ -613,8 +613,13 @@ def export_hf(engine, processor, out: Path, rank: int) -> None:
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
     with ctx:
         if rank == 0:
+            from vppo.eval import eos_ids_of
+
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            # generate() of the export stops where training's rollouts stopped (the tokenizer's and
+            # the chat template's EOS too, not only the base generation config's)
+            hf.generation_config.eos_token_id = eos_ids_of(hf, processor.tokenizer)
             state = {k: v.detach().cpu().clone() for k, v in hf.state_dict().items()}
             hf.save_pretrained(tmp, state_dict=state)
             processor.save_pretrained(tmp)
