@@ -133,7 +133,11 @@ def generate(
         suppress_tokens=list(suppress_ids) or None,
     )
     device = next(model.parameters()).device
-    out = model.generate(**{k: v.to(device) for k, v in kwargs.items()}, generation_config=config)
+    out = model.generate(
+        **{k: v.to(device) for k, v in kwargs.items()},
+        generation_config=config,
+        synced_gpus=_zero3_ranks(model),
+    )
     prompt_len = ids.shape[1]
     responses = out[:, prompt_len:].cpu()
     mask = response_mask_from(responses, eos_ids)
@@ -152,6 +156,17 @@ def generate(
         group=torch.arange(inputs["input_ids"].shape[0]).repeat_interleave(n),
         texts=texts,
     )
+
+
+def _zero3_ranks(model) -> bool:
+    """True when ZeRO-3 partitions the weights over several ranks: every forward gathers them
+    collectively, so a rank whose rows all finished must keep stepping until every rank is done
+    (transformers detects this only under its own DeepSpeed integration, which the loop does not use)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def model_inputs(ro: Rollout, *, masked: bool = False, vision_ids: list[int] = (), pad_id: int = 0) -> dict:
