@@ -835,15 +835,18 @@ def train(cfg: Config) -> dict:
     run = setup(cfg)
     cfg, rank = run.cfg, run.rank
     val_on = bool(cfg.run.val_every and run.val_problems)
-    if rank == 0 and run.start == 0 and val_on:
+    # under ZeRO-3 every forward gathers the weights from all ranks: all ranks validate (rank 0 logs)
+    val_here = rank == 0 or any(hasattr(p, "ds_id") for p in run.hf.parameters())
+    if val_here and run.start == 0 and val_on:
         rec = {"step": 0, **validate(run)}
         run.metrics.log(rec)
-        print(f"step 0: val accuracy {rec['val_accuracy']:.3f} +- {rec['val_stderr']:.3f}", flush=True)
+        if rank == 0:
+            print(f"step 0: val accuracy {rec['val_accuracy']:.3f} +- {rec['val_stderr']:.3f}", flush=True)
     last: dict = {}
     bar = tqdm(total=run.total_steps, initial=run.start, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(run.start + 1, run.total_steps + 1):
         rec = train_step(run, step)
-        if val_on and step % cfg.run.val_every == 0 and rank == 0:
+        if val_on and step % cfg.run.val_every == 0 and val_here:
             with run.timer.phase("validate"):
                 rec.update(validate(run))
         if dist.is_initialized():
