@@ -516,8 +516,22 @@ def test_export_from_one_process_loads_and_matches_the_training_logits(assets, t
 
 @pytest.mark.slow
 def test_export_from_two_zero3_ranks_loads_and_matches_the_training_logits(assets, tmp_path):
-    _export_run(assets, tmp_path, 2, "train.deepspeed=configs/ds_zero3.json")
-    _check_export(assets, tmp_path)
+    import shutil
+
+    # a third of the vocabulary ends a response: each rank's rows finish early and at different
+    # steps, and validation runs too; both once broke ZeRO-3's collective weight gathers
+    model = shutil.copytree(assets[0], tmp_path / "early_eos_model")
+    gc = json.loads((model / "generation_config.json").read_text())
+    gc["eos_token_id"] = [gc["eos_token_id"][0], *range(100, 200)]
+    (model / "generation_config.json").write_text(json.dumps(gc))
+    early = (model, assets[1])
+    val = ("run.val_every=1", "run.val_samples=2", "rollout.val_n=2", "rollout.max_response_len=24")
+    _export_run(early, tmp_path, 2, "train.deepspeed=configs/ds_zero3.json", *val)
+    _check_export(early, tmp_path)
+    (rec,) = [
+        r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["step"] == 1
+    ]
+    assert "val_accuracy" in rec and rec["response_len"] < 24  # validated; rows stopped before the cap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,14 +648,20 @@ def write_golden(path: Path = GOLDEN) -> None:
 
 
 def test_golden_logits_and_3d_positions_of_the_micro_model_have_not_drifted():
-    import transformers
 
     if os.environ.get("VPPO_REGEN_GOLDEN") == "1":
         write_golden()
     assert GOLDEN.is_file(), (
         f"{GOLDEN} missing: run VPPO_REGEN_GOLDEN=1 pytest tests/test_hardening.py -k golden"
     )
-    gold = torch.load(GOLDEN, weights_only=False)
+    check_golden(_golden_model(), _golden_inputs(), torch.load(GOLDEN, weights_only=False))
+
+
+def check_golden(model, x: dict, gold: dict) -> None:
+    """Compare the golden model's processor outputs, 3-D positions and logits with the stored ones;
+    an AssertionError naming the drifted quantity and both versions when they differ."""
+    import transformers
+
     made = f"transformers {gold['transformers']} / torch {gold['torch']}"
     now = f"transformers {transformers.__version__} / torch {torch.__version__}"
     fix = (
@@ -649,7 +669,6 @@ def test_golden_logits_and_3d_positions_of_the_micro_model_have_not_drifted():
         "processor) before moving the pin in pyproject.toml; if the change is understood and intended, "
         "regenerate with VPPO_REGEN_GOLDEN=1 pytest tests/test_hardening.py -k golden"
     )
-    model, x = _golden_model(), _golden_inputs()
     first = next(iter(sorted(model.named_parameters())))[1]
     assert torch.equal(first.detach().flatten()[:16], gold["weight_probe"]), (
         f"the seeded golden weights differ (golden made with {made}, now {now}): torch's RNG or the "
@@ -682,6 +701,21 @@ def test_golden_logits_and_3d_positions_of_the_micro_model_have_not_drifted():
     pad = int((x["batch_attention"][1] == 0).sum())
     text_pos = got["batch_position_ids"][:, 1, pad:]  # a text-only row: 0..L-1 on all three axes
     assert torch.equal(text_pos, torch.arange(w - pad).expand(3, -1))
+
+
+def test_the_golden_check_fails_loudly_on_a_rotary_or_padding_change():
+    gold = torch.load(GOLDEN, weights_only=False)
+    model, x = _golden_model(), _golden_inputs()
+    with torch.no_grad():  # rotary frequencies 1 % off, as a rope refactor upstream could make them
+        model.model.language_model.rotary_emb.inv_freq.mul_(1.01)
+    with pytest.raises(AssertionError, match=r"MODEL DRIFT: Qwen2\.5-VL single_logits moved"):
+        check_golden(model, x, gold)
+    # the classic left-padding bug: positions counted from the first (pad) column
+    model = _golden_model()
+    real = model.model.get_rope_index
+    model.model.get_rope_index = lambda *a, **kw: real(*a, **{**kw, "attention_mask": None})
+    with pytest.raises(AssertionError, match=r"MODEL DRIFT: Qwen2\.5-VL 3-D rotary batch_position_ids"):
+        check_golden(model, x, gold)
 
 
 def test_supported_transformers_range_is_pinned_and_installed():
