@@ -34,8 +34,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# bench: writes bench/out/ and copies bench/out/README_table.md between the README's bench markers.
 bench: $(STAMP)
-	TRITON_INTERPRET=0 $(PY) -m bench
+	TRITON_INTERPRET=0 $(PY) -m bench --splice README.md
 
 train: $(STAMP)
 	$(PY) -m vppo.train

@@ -82,7 +82,7 @@ CASES = [
         ],
         gpu_shapes=[Shape(N=n, **QWEN) for n in (1024, 4096, 8192)] + [Shape(N=8192, **SMALL)],
         tiny_shapes=[Shape(N=8, H=16, V=300)],
-        traffic_shapes=[Shape(N=4, **QWEN), Shape(N=8, **SMALL)],
+        traffic_shapes=[Shape(N=16, **QWEN), Shape(N=16, **SMALL)],
         min_bytes=min_bytes,
     )
 ]

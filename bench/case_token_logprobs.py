@@ -101,7 +101,7 @@ def _case(backward: bool) -> Case:
         ],
         gpu_shapes=[Shape(N=n, **QWEN) for n in (1024, 4096, 8192)] + [Shape(N=8192, **SMALL)],
         tiny_shapes=[Shape(N=8, H=16, V=300)],
-        traffic_shapes=[Shape(N=4, **QWEN), Shape(N=8, **SMALL)],
+        traffic_shapes=[Shape(N=16, **QWEN), Shape(N=16, **SMALL)],
         min_bytes=min_fwd_bwd if backward else min_fwd,
         backward=backward,
         notes=dict(liger="Liger cross-entropy (reduction none): log p_y only, no entropy"),

@@ -329,6 +329,12 @@ def targets(results: dict) -> list[dict]:
                 how = (
                     "naive extrapolated linearly in N" if "naive_peak_bytes_extrapolated" in r else "measured"
                 )
+                naive = r.get("naive_peak_bytes_extrapolated") or r["peak_bytes"] / r["mem_vs_naive"]
+                if r.get("out_bytes", 0) > 2**20:  # a returned gradient counts as extra memory too
+                    excl = (r["peak_bytes"] - r["out_bytes"]) / (naive - r["out_bytes"])
+                    how += (
+                        f"; {excl:.3f} without the {r['out_bytes'] / 2**20:.0f} MiB it returns (the gradient)"
+                    )
                 add(
                     f"{r['case']} torch peak memory / naive at {r['shape']}",
                     round(r["mem_vs_naive"], 4),
