@@ -11,7 +11,8 @@ Two layouts are read, tried in this order for each benchmark:
    {"role": "assistant", "content": "<label>"}] and `images`, paths relative to DIR (LLaMA-Factory's
    media dir) or to the file's folder. Entry names match a benchmark when they normalise to it
    (case, `-`, `_` ignored), optionally followed by a split or subset: "We-Math", "wemath_test" and
-   "MathVerse-testmini-vision-only" all work; an exact name wins, several others are an error. The `alpaca` formatting (prompt/query/response columns) is read too.
+   "MathVerse-testmini-vision-only" all work; an exact name wins, several others are an error.
+   The `alpaca` formatting (prompt/query/response columns) is read too.
 2. The training schema (`problem` with `<image>` placeholders, `answer`, `images`) in parquet:
    `DIR/<name>.parquet` or a folder `DIR/<name>/` (its `test` split when the files name splits).
 
