@@ -49,3 +49,48 @@ def make_synth(out: Path, *, n_train: int = 64, n_val: int = 8, n_test: int = 8,
 
     write_synth(SynthConfig(seed=seed, n_train=n_train, n_val=n_val, n_test=n_test), out)
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# in-process tests set up a one-rank group; subprocesses must not inherit its rendezvous
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def subprocess_env(**extra) -> dict:
+    """os.environ without the distributed rendezvous, with the repo and tests/ importable."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
+
+
+def train_overrides(assets, out, *extra) -> list[str]:
+    """Config overrides of a small, fast training run on (micro model, synthetic set)."""
+    model, synth = assets
+    return [
+        f"model.path={model}",
+        f"data.train={synth / 'train.parquet'}",
+        f"data.val={synth / 'val.parquet'}",
+        f"run.output_dir={out}",
+        "rollout.rollout_batch_size=4",
+        "rollout.n=4",
+        "rollout.max_response_len=12",
+        "train.global_batch=2",
+        "train.micro_batch=4",
+        "train.logprob_micro_batch=8",
+        "train.total_steps=3",
+        "train.weight_decay=0.0",
+        "train.lr=1e-3",
+        "train.impl=torch",
+        "run.val_every=0",
+        "run.tensorboard=false",
+        *extra,
+    ]
+
+
+def train_setup(assets, out, *extra):
+    """vppo.train.setup of that run, in this process."""
+    from vppo.config import load_config
+    from vppo.train import setup
+
+    return setup(load_config(None, train_overrides(assets, out, *extra)))

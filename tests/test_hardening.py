@@ -24,19 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_micro_model, make_synth
+from helpers import ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
 
 from vppo.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "micro_qwen2_5_vl.pt"
-# the in-process tests set up a one-rank group; subprocesses must not inherit its rendezvous
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +46,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _overrides(assets, out, *extra):
-    model, synth = assets
-    return [
-        f"model.path={model}",
-        f"data.train={synth / 'train.parquet'}",
-        f"data.val={synth / 'val.parquet'}",
-        f"run.output_dir={out}",
-        "rollout.rollout_batch_size=4",
-        "rollout.n=4",
-        "rollout.max_response_len=12",
-        "train.global_batch=2",
-        "train.micro_batch=4",
-        "train.logprob_micro_batch=8",
-        "train.total_steps=3",
-        "train.weight_decay=0.0",
-        "train.lr=1e-3",
-        "train.impl=torch",
-        "run.val_every=0",
-        "run.tensorboard=false",
-        *extra,
-    ]
-
-
-def _setup(assets, out, *extra):
-    from vppo.train import setup
-
-    return setup(load_config(None, _overrides(assets, out, *extra)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Item 2: images and tokens.
 
@@ -91,7 +54,7 @@ def test_generation_and_both_scoring_passes_see_the_same_image_grid_and_tokens(a
     import vppo.train as vt
     from vppo.data import image_token_count
 
-    run = _setup(assets, tmp_path)
+    run = train_setup(assets, tmp_path)
     gen_inputs, scored = [], []
     real_generate, real_hidden = vt.generate, vt.response_hidden
 
@@ -169,7 +132,7 @@ def test_prompts_longer_than_the_limit_after_image_expansion_are_dropped_and_cou
     limit = sorted(lengths)[len(lengths) // 2]  # about half are longer
     too_long = sum(n > limit for n in lengths)
     assert 0 < too_long < len(problems)
-    run = _setup(assets, tmp_path, f"data.max_prompt_len={limit}")
+    run = train_setup(assets, tmp_path, f"data.max_prompt_len={limit}")
     assert run.train_set.stats.overlong == too_long
     assert len(run.train_set) == len(problems) - too_long == run.order.n
     kept = [int(encode_prompts([p], run.processor)["input_ids"].shape[1]) for p in run.train_set]
@@ -213,7 +176,7 @@ def test_log_probs_are_never_positive_at_extreme_logits(dtype):
 def test_scoring_log_probs_stay_non_positive_with_a_blown_up_lm_head(assets, tmp_path):
     from vppo.train import prepare, score
 
-    run = _setup(assets, tmp_path)
+    run = train_setup(assets, tmp_path)
     _, sc, ub = prepare(run, 1)
     with torch.no_grad():
         run.hf.lm_head.weight.mul_(1e4)  # logits in the tens of thousands
@@ -232,7 +195,7 @@ def _update_capture(assets, out, ub, micro, monkeypatch, *extra):
     import vppo.loss as vl
     from vppo.train import update
 
-    run = _setup(assets, out, f"train.micro_batch={micro}", "algo.shaping=global", *extra)
+    run = train_setup(assets, out, f"train.micro_batch={micro}", "algo.shaping=global", *extra)
     names = {id(p): k for k, p in run.hf.named_parameters()}
     calls, grads = [], []
     real_policy_loss, guard = vl.policy_loss, run.engine.vppo_guard
@@ -266,7 +229,7 @@ def test_first_update_ratio_is_one_for_any_micro_batch_and_accumulation_1_equals
     from vppo.train import prepare
 
     ds = () if zero == "zero0" else ("train.deepspeed=configs/ds_zero2.json",)
-    run = _setup(assets, tmp_path / "gen", "algo.shaping=global", *ds)
+    run = train_setup(assets, tmp_path / "gen", "algo.shaping=global", *ds)
     _, _, ub = prepare(run, 1)
     # the random micro model never answers right (all advantages 0): give the policy term weight
     ub.advantages = torch.randn(len(ub.ro), generator=torch.Generator().manual_seed(0))
@@ -406,7 +369,7 @@ def test_resume_at_an_epoch_boundary_trains_the_right_steps_bar_and_retention(
 
     def run(out, steps, *extra):
         taken.clear()
-        last = vt.train(load_config(None, _overrides(assets, out, f"train.total_steps={steps}", *extra)))
+        last = vt.train(load_config(None, train_overrides(assets, out, f"train.total_steps={steps}", *extra)))
         return last, list(taken), capfd.readouterr().err
 
     ref_dir, res_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
@@ -496,7 +459,7 @@ def _check_export(assets, out: Path):
 
 
 def _export_run(assets, out, nproc, *extra):
-    ov = _overrides(assets, out, "train.total_steps=1", "run.export_hf=true", *extra)
+    ov = train_overrides(assets, out, "train.total_steps=1", "run.export_hf=true", *extra)
     if nproc == 1:
         cmd = [sys.executable, "-m", "vppo.train", *ov]
     else:
@@ -508,7 +471,7 @@ def _export_run(assets, out, nproc, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port", port, "-m", "vppo.train", *ov]  # fmt: skip
     p = subprocess.run(
-        cmd, capture_output=True, text=True, env=_env(OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600
+        cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 

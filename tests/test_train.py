@@ -10,22 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_micro_model, make_synth
-
-from vppo.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-# the in-process tests set up a one-rank group; subprocesses must not inherit its rendezvous
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
+from helpers import ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
 
 
 @pytest.fixture(scope="module")
@@ -34,39 +22,10 @@ def assets(tmp_path_factory):
     return make_micro_model(d / "model"), make_synth(d / "synth", n_train=32, n_val=4, n_test=4)
 
 
-def _overrides(assets, out, *extra):
-    model, synth = assets
-    return [
-        f"model.path={model}",
-        f"data.train={synth / 'train.parquet'}",
-        f"data.val={synth / 'val.parquet'}",
-        f"run.output_dir={out}",
-        "rollout.rollout_batch_size=4",
-        "rollout.n=4",
-        "rollout.max_response_len=12",
-        "train.global_batch=2",
-        "train.micro_batch=4",
-        "train.logprob_micro_batch=8",
-        "train.total_steps=3",
-        "train.weight_decay=0.0",
-        "train.lr=1e-3",
-        "train.impl=torch",
-        "run.val_every=0",
-        "run.tensorboard=false",
-        *extra,
-    ]
-
-
-def _setup(assets, out, *extra):
-    from vppo.train import setup
-
-    return setup(load_config(None, _overrides(assets, out, *extra)))
-
-
 def test_vppo_step_moves_every_trainable_parameter(assets, tmp_path):
     from vppo.train import train_step
 
-    run = _setup(assets, tmp_path)
+    run = train_setup(assets, tmp_path)
     before = {k: p.detach().clone() for k, p in run.hf.named_parameters() if p.requires_grad}
     rec = train_step(run, 1)
     after = dict(run.hf.named_parameters())
@@ -79,7 +38,7 @@ def test_vppo_step_moves_every_trainable_parameter(assets, tmp_path):
 def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_path):
     from vppo.train import prepare
 
-    run = _setup(assets, tmp_path)
+    run = train_setup(assets, tmp_path)
     sr, sc, ub = prepare(run, 1)
     ro = ub.ro
     for clean, masked, grid in zip(ro.pixel_values, ro.masked_pixel_values, ro.image_grid_thw):
@@ -97,7 +56,7 @@ def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_p
 def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
     from vppo.train import prepare, update
 
-    run = _setup(assets, tmp_path)
+    run = train_setup(assets, tmp_path)
     _, _, ub = prepare(run, 1)
     ub.advantages = ub.advantages.clone()
     ub.advantages[0] = float("nan")  # poisons the first optimizer step only
@@ -113,7 +72,7 @@ def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
 def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
     from vppo.train import prepare, score
 
-    run = _setup(assets, tmp_path)
+    run = train_setup(assets, tmp_path)
     _, sc, ub = prepare(run, 1)
     ro = ub.ro
     pad_id = run.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -128,7 +87,7 @@ def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
 def test_grpo_with_a_reference_policy_starts_at_zero_kl(assets, tmp_path):
     from vppo.train import prepare, update
 
-    run = _setup(
+    run = train_setup(
         assets, tmp_path, "algo.name=grpo", "algo.shaping=none", "algo.topk_ratio=1.0", "algo.kl_coef=0.01"
     )
     _, sc, ub = prepare(run, 1)
@@ -141,7 +100,7 @@ def test_grpo_with_a_reference_policy_starts_at_zero_kl(assets, tmp_path):
 
 
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path):
-    env = _env()
+    env = subprocess_env()
     for args, needle in (
         (["algo.topk_ration=0.5"], "algo.topk_ratio"),
         (["train.lr=fast"], "train.lr"),
@@ -161,7 +120,7 @@ def _worker(tmp, nproc, rollout, out, overrides):
     port = str(29600 + nproc + os.getpid() % 300)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
            str(ROOT / "tests" / "dist_update_worker.py"), str(rollout), str(out), *overrides]  # fmt: skip
-    env = _env(OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return torch.load(out, weights_only=False)
@@ -172,11 +131,11 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(assets, tmp_p
     from vppo.train import prepare
 
     extra = ("algo.shaping=global", "train.deepspeed=configs/ds_zero2.json")
-    run = _setup(assets, tmp_path / "gen", *extra)
+    run = train_setup(assets, tmp_path / "gen", *extra)
     _, _, ub = prepare(run, 1)
     rollout = tmp_path / "rollout.pt"
     torch.save({"batch": ub, "ids": run.ids}, rollout)
-    ov = _overrides(assets, tmp_path / "w", *extra)
+    ov = train_overrides(assets, tmp_path / "w", *extra)
     one = _worker(tmp_path, 1, rollout, tmp_path / "one.pt", ov)
     two = _worker(tmp_path, 2, rollout, tmp_path / "two.pt", ov)
     assert len(one["losses"]) == 2  # two optimizer steps
@@ -190,7 +149,7 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(assets, tmp_p
 
 
 def _train_cmd(assets, out):
-    ov = _overrides(assets, out, "run.save_every=1", "run.keep_last=5", "run.export_hf=false")
+    ov = train_overrides(assets, out, "run.save_every=1", "run.keep_last=5", "run.export_hf=false")
     return [sys.executable, "-m", "vppo.train", *ov]
 
 
@@ -200,7 +159,7 @@ def _records(out):
 
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(assets, tmp_path):
-    env = _env(OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     a, b = tmp_path / "a", tmp_path / "b"
     p = subprocess.run(_train_cmd(assets, a), capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
