@@ -68,7 +68,7 @@ def test_answers_match_the_drawings():
         elif r["task"] == "colour":
             assert _mask(arr, r["answer"]).sum() > 10
         elif r["task"] == "angle":
-            left, right = map(int, re.search(r"angles are (\d+) and (\d+)", r["response"]).groups())
+            left, right = map(int, re.search(r"180 - (\d+) - (\d+) =", r["response"]).groups())
             assert int(r["answer"]) == 180 - left - right >= 30
         elif r["task"] == "number":
             assert (arr.max(-1) < 130).sum() > 5  # dark text drawn

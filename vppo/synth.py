@@ -5,8 +5,8 @@
 
 Five task types, drawn with PIL on small RGB images (84 x 84: a 6 x 6 grid of 14-pixel patches, 9
 image tokens after the 2 x 2 merge), each with difficulty mixed inside it:
-- colour: 1-3 shapes of different kinds and colours, "what colour is the <kind>?";
-- count:  1-6 shapes of one colour among 0-3 of other colours, "how many <colour> shapes?";
+- colour: 1 shape (half the time) or 2-3 of different kinds and colours, "what colour is the <kind>?";
+- count:  1-5 shapes of one colour, half the time among 1-3 of other colours, "how many <colour> shapes?";
 - bars:   3-4 bars of different colours, "which bar is the tallest?" (margins down to 3 pixels);
 - number: a 1- or 2-digit number written at a random place, size and colour;
 - angle:  a triangle drawn with its true angles, two of them written at their corners, "the third
@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vppo import paths
 
-SYNTH_VERSION = 1  # bump when the drawing or the questions change: the cache key includes it
+SYNTH_VERSION = 4  # bump when the drawing or the questions change: the cache key includes it
 TASKS = ("colour", "count", "bars", "number", "angle")
 SPLITS = ("train", "val", "test")
 COLOURS = {
@@ -92,12 +92,12 @@ def _cells(rng: np.random.Generator, size: int, n: int, cell: int) -> list[tuple
 
 
 def _colour_task(rng, size):
-    n = int(rng.integers(1, 4))
+    n = 1 if rng.random() < 0.5 else int(rng.integers(2, 4))  # one shape: the easy half
     kinds = [str(k) for k in rng.choice(KINDS, size=n, replace=False)]
     names = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    cell = size // 3
+    cell = size // 2
     for (x, y), kind, name in zip(_cells(rng, size, n, cell), kinds, names):
         s = int(rng.integers(cell // 2, cell - 3))
         dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
@@ -105,25 +105,27 @@ def _colour_task(rng, size):
     target = int(rng.integers(n))
     kind, answer = kinds[target], names[target]
     question = f"What colour is the {kind}?"
-    response = f"<think> The {kind} is {answer}. </think> \\boxed{{{answer}}}"
+    response = f"<think> the {kind} is {answer} </think> \\boxed{{{answer}}}"
     return img, question, answer, response
 
 
 def _count_task(rng, size):
     name = str(rng.choice(list(COLOURS)))
-    n = int(rng.integers(1, 7))
+    n = int(rng.integers(1, 6))
     others = [c for c in COLOURS if c != name]
-    distract = [str(c) for c in rng.choice(others, size=int(rng.integers(0, 4)))]
+    # No distractors in the easy half; 1-3 shapes of other colours in the rest.
+    n_distract = 0 if rng.random() < 0.5 else int(rng.integers(1, 4))
+    distract = [str(c) for c in rng.choice(others, size=n_distract)]
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    cell = 14
+    cell = size // 3
     spots = _cells(rng, size, n + len(distract), cell)
     for (x, y), c in zip(spots, [name] * n + distract):
-        s = int(rng.integers(8, 12))
+        s = int(rng.integers(cell // 2, cell - 4))
         dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
         _shape(draw, str(rng.choice(KINDS)), (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[c])
     question = f"How many {name} shapes are there?"
-    response = f"<think> I count the {name} shapes: {n}. </think> \\boxed{{{n}}}"
+    response = f"<think> {n} {name} shapes </think> \\boxed{{{n}}}"
     return img, question, str(n), response
 
 
@@ -144,14 +146,14 @@ def _bars_task(rng, size):
         draw.rectangle((x0 + 2, size - 4 - h, x0 + width - 3, size - 5), fill=COLOURS[name])
     answer = names[winner]
     question = "Which bar is the tallest? Answer with its colour."
-    response = f"<think> The tallest bar is the {answer} one. </think> \\boxed{{{answer}}}"
+    response = f"<think> the {answer} bar is tallest </think> \\boxed{{{answer}}}"
     return img, question, answer, response
 
 
 def _number_task(rng, size):
     value = int(rng.integers(0, 10)) if rng.random() < 0.5 else int(rng.integers(10, 100))
     text = str(value)
-    font = _font(int(rng.integers(16, 30)))
+    font = _font(int(rng.integers(24, 36)))
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
@@ -160,7 +162,7 @@ def _number_task(rng, size):
     colour = tuple(int(v) for v in rng.integers(0, 120, size=3))
     draw.text((x, y), text, fill=colour, font=font)
     question = "What number is written in the image?"
-    response = f"<think> The number written is {text}. </think> \\boxed{{{text}}}"
+    response = f"<think> it reads {text} </think> \\boxed{{{text}}}"
     return img, question, text, response
 
 
@@ -194,10 +196,7 @@ def _angle_task(rng, size):
     question = (
         "Two angles of the triangle are written under its corners, in degrees. What is the third angle?"
     )
-    response = (
-        f"<think> The angles are {left} and {right}, so the third is 180 - {left} - {right} = {answer}. "
-        f"</think> \\boxed{{{answer}}}"
-    )
+    response = f"<think> 180 - {left} - {right} = {answer} </think> \\boxed{{{answer}}}"
     return img, question, answer, response
 
 
