@@ -8,12 +8,47 @@ Qwen2.5-VL-7B-Instruct from a local folder:
 - tokenizer: a byte-level BPE trained on the synthetic set's text with Qwen2's pre-tokenizer, the
   Qwen2.5-VL special tokens and chat template (Qwen2Tokenizer);
 - processor: Qwen2_5_VLProcessor with the Qwen2-VL image processor, small min / max pixels;
+- model: Qwen2_5_VLForConditionalGeneration, about 2 M parameters (text: hidden 128, 4 layers,
+  4 heads, 2 KV heads, untied lm_head as in the 7B; vision: depth 2, hidden 128, patch 14, merge 2);
+- generation config: eos <|im_end|> and <|endoftext|>, pad <|endoftext|> (as the 7B's).
+
+Warm start: supervised next-token training on the synthetic train split (vppo.synth), loss on the
+`<think> ... </think> \\boxed{...}` response and its <|im_end|> only, prompts left-padded as
+vppo.data builds them for generation. Accuracy jumps sharply once the model starts to use the image
+(from chance to near 100 % within ~150 steps on a single task), so the run does not stop after a
+fixed number of steps: every `eval_every` steps it samples one answer per val problem at temperature
+1.0 and stops at the first measurement inside [stop_low, stop_high]; a measurement above stop_high
+rolls back to the previous evaluation point and continues with half the learning rate and twice as
+frequent measurements. Tasks of mixed difficulty (vppo.synth) keep some questions hard, so groups of
+sampled answers get mixed rewards. The val accuracy and the text-only baseline go to warm_start.json.
+
+The build is cached under vppo.paths (a folder named by the hash of TinyConfig, the synthetic set's
+config and the code versions) and rebuilt when any of those change: `ensure_tiny_model()`.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
-from collections.abc import Iterable
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vppo import paths
+from vppo.data import Problem, build_messages, encode_prompts, load_problems, vision_token_ids
+from vppo.synth import SYNTH_VERSION, SynthConfig, ensure_synth_data
+
+logger = logging.getLogger(__name__)
+
+TINY_VERSION = 1  # bump when the code below changes what gets built: the cache key includes it
+INFO_FILE = "warm_start.json"
 
 # Qwen2.5-VL's special tokens in their original order (ids 151643... there, 0... here).
 SPECIAL_TOKENS = (
@@ -48,12 +83,11 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# Text the template itself writes, so the BPE learns it too.
-TEMPLATE_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "user\n", "assistant\n")
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """A Qwen2Tokenizer whose byte-level BPE is trained on `texts` (plus the chat template's text).
+    """A Qwen2Tokenizer whose byte-level BPE is trained on `texts` (full chat-template renders are best).
 
     Same normaliser, pre-tokenizer (digits split one by one) and decoder as Qwen2; the Qwen2.5-VL
     special tokens take ids 0..13; eos <|im_end|>, pad <|endoftext|> as in Qwen2.5-VL-7B-Instruct.
@@ -80,7 +114,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator([*TEMPLATE_TEXT, *texts], trainer)
+    # Special tokens are never merged with text: train on the pieces between them.
+    pieces = (piece for text in texts for piece in _SPECIAL_RE.split(text) if piece)
+    bpe.train_from_iterator(pieces, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Qwen2Tokenizer(
@@ -89,6 +125,15 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def _corpus(problems: Sequence[Problem]) -> list[str]:
+    """The texts the model will read: rendered prompts (chat template, suffix) and responses."""
+    import jinja2
+
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(CHAT_TEMPLATE)
+    prompts = [template.render(messages=build_messages(p), add_generation_prompt=True) for p in problems]
+    return [f"{q}{p.meta['response']}<|im_end|>\n" for q, p in zip(prompts, problems)]
 
 
 def build_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 84 * 84):
@@ -105,3 +150,373 @@ def build_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 84 *
         video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         chat_template=CHAT_TEMPLATE,
     )
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Everything the tiny base depends on (its hash names the cache folder)."""
+
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 128
+    vision_intermediate_size: int = 256
+    vision_heads: int = 4
+    min_pixels: int = 56 * 56
+    max_pixels: int = 84 * 84
+    # warm start
+    seed: int = 0
+    lr: float = 2e-3
+    vision_lr_mult: float = 5.0
+    short_every: int = 2  # every n-th step trains on the bare image + question (0: never)
+    warmup_steps: int = 20
+    batch_size: int = 16
+    max_steps: int = 3000
+    eval_every: int = 25
+    eval_problems: int = 80  # val problems sampled at each measurement (all of val at the end)
+    stop_low: float = 0.3  # stop inside [stop_low, stop_high]: a margin inside the 20 %..60 % band
+    stop_high: float = 0.55
+    band: tuple[float, float] = (0.2, 0.6)
+    max_new_tokens: int = 32
+    time_budget_s: float = 1200.0  # warm start gives up (and says so) past this
+
+    def __post_init__(self):
+        if not (0 < self.band[0] <= self.stop_low <= self.stop_high <= self.band[1] < 1):
+            raise ValueError("need 0 < band[0] <= stop_low <= stop_high <= band[1] < 1")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError("hidden_size / num_heads must be a multiple of 4 (the 3-D rope sections)")
+        for name in ("batch_size", "max_steps", "eval_every", "eval_problems", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def build_model(cfg: TinyConfig, tokenizer):
+    """A randomly initialised Qwen2_5_VLForConditionalGeneration sized by `cfg`, ids from `tokenizer`."""
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    half = cfg.hidden_size // cfg.num_heads // 2
+    # Qwen2.5-VL splits each rotary half into (temporal, height, width) sections, 16 / 24 / 24 of 64.
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=cfg.vision_depth,
+            hidden_size=cfg.vision_hidden_size,
+            intermediate_size=cfg.vision_intermediate_size,
+            num_heads=cfg.vision_heads,
+            out_hidden_size=cfg.hidden_size,
+            fullatt_block_indexes=[cfg.vision_depth - 1],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+    )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# warm start
+
+
+def _sft_batch(
+    problems: Sequence[Problem], targets: Sequence[list[int]], processor, pad_id: int, short: bool = False
+) -> dict:
+    """Left-padded prompts (as for generation) followed by right-padded response tokens, with labels.
+
+    input_ids, attention_mask, mm_token_type_ids, labels: (B, T + R); pixel_values, image_grid_thw as
+    the processor makes them. Labels are -100 on prompt and padding. `short`: the bare image and
+    question instead of the chat prompt (the warm start's auxiliary format).
+    """
+    if short:
+        pad = "<|vision_start|><|image_pad|><|vision_end|>"
+        texts = [p.problem.replace("<image>", pad) + "\n" for p in problems]
+        images = [img for p in problems for img in p.pil_images()]
+        batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    else:
+        batch = encode_prompts(problems, processor)
+    b, r = len(problems), max(len(t) for t in targets)
+    resp = torch.full((b, r), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((b, r), dtype=torch.long)
+    for i, t in enumerate(targets):
+        resp[i, : len(t)] = torch.tensor(t)
+        resp_mask[i, : len(t)] = 1
+    labels = torch.cat([torch.full_like(batch["input_ids"], -100), resp.masked_fill(resp_mask == 0, -100)], 1)
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], resp], 1)
+    out["attention_mask"] = torch.cat([batch["attention_mask"], resp_mask], 1)
+    out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(resp)], 1)
+    out["labels"] = labels
+    return out
+
+
+def _grade(response: str, answer: str) -> bool:
+    from mathruler.grader import extract_boxed_content, grade_answer
+
+    return grade_answer(extract_boxed_content(response), answer)
+
+
+@torch.no_grad()
+def sample_accuracy(
+    model,
+    processor,
+    problems: Sequence[Problem],
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+) -> list[float]:
+    """One answer per problem sampled at temperature 1.0 (top_p 1, no top_k), graded 0/1 (mathruler)."""
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    suppress = vision_token_ids(processor)
+    scores = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        batch = encode_prompts(chunk, processor)
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            suppress_tokens=suppress,
+        )
+        texts = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        scores += [float(_grade(t, p.answer)) for t, p in zip(texts, chunk)]
+    model.train(was_training)
+    return scores
+
+
+def _by_task(problems: Sequence[Problem], scores: Sequence[float]) -> dict[str, float]:
+    tasks = sorted({p.meta.get("task", "all") for p in problems})
+    out = {}
+    for t in tasks:
+        s = [x for p, x in zip(problems, scores) if p.meta.get("task", "all") == t]
+        out[t] = sum(s) / len(s)
+    out["all"] = sum(scores) / len(scores)
+    return out
+
+
+def warm_start(model, processor, train: Sequence[Problem], val: Sequence[Problem], cfg: TinyConfig) -> dict:
+    """Supervised warm start until sampled val accuracy lands in [stop_low, stop_high]; returns a log."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    targets = [tok(p.meta["response"], add_special_tokens=False)["input_ids"] + [end] for p in train]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # The vision tower starts as a random projection in which the drawn shapes barely move the
+    # features (mostly white background): a larger step there shortens the plateau before the
+    # model starts to use the image.
+    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest, "mult": 1.0}, {"params": vision, "mult": cfg.vision_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    lr, every = cfg.lr, cfg.eval_every
+    probe = list(val[: cfg.eval_problems])
+    t0 = time.perf_counter()
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), 0)
+    history, step, result = [], 0, None
+    model.train()
+    while step < cfg.max_steps and time.perf_counter() - t0 < cfg.time_budget_s:
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
+        short = step % cfg.short_every == cfg.short_every - 1 if cfg.short_every else False
+        batch = _sft_batch(
+            [train[i] for i in idx], [targets[i] for i in idx], processor, tok.pad_token_id, short
+        )
+        for g in opt.param_groups:
+            g["lr"] = g["mult"] * lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % every:
+            continue
+        probe_scores = sample_accuracy(model, processor, probe, max_new_tokens=cfg.max_new_tokens, seed=step)
+        per_task = _by_task(probe, probe_scores)
+        acc = per_task["all"]
+        history.append(
+            {
+                "step": step,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "loss": round(loss.item(), 4),
+                "lr": lr,
+                "probe_acc": {k: round(v, 3) for k, v in per_task.items()},
+            }
+        )
+        logger.info("warm start step %d loss %.3f probe acc %s", step, loss.item(), history[-1]["probe_acc"])
+        if cfg.stop_low <= acc <= cfg.stop_high:  # confirm on all of val with fresh samples
+            result = _by_task(
+                val,
+                sample_accuracy(model, processor, val, max_new_tokens=cfg.max_new_tokens, seed=10_000 + step),
+            )
+            history[-1]["val_acc"] = round(result["all"], 4)
+            if cfg.band[0] <= result["all"] <= cfg.band[1]:
+                break
+            acc, result = result["all"], None
+        if acc > cfg.stop_high:  # jumped past the band: go back, move more slowly
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+            step, lr, every = saved[2], lr / 2, max(1, every // 2)
+            continue
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), step)
+    seconds = time.perf_counter() - t0
+    if result is None:  # out of steps or time: report where it stands
+        result = _by_task(
+            val, sample_accuracy(model, processor, val, max_new_tokens=cfg.max_new_tokens, seed=1)
+        )
+    in_band = cfg.band[0] <= result["all"] <= cfg.band[1]
+    if not in_band:
+        logger.warning(
+            "tiny warm start ended outside the band %s: val accuracy %.3f", cfg.band, result["all"]
+        )
+    model.eval()
+    return {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "val_accuracy": result,
+        "in_band": in_band,
+        "history": history,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# build and cache
+
+
+def _threads() -> int:
+    """Torch threads for the build: $VPPO_TINY_THREADS, else 2, or 1 when the CPUs are already busy
+    (two spinning OpenMP threads against other processes ran 5-10x slower than one, measured here)."""
+    if os.environ.get("VPPO_TINY_THREADS"):
+        return max(1, int(os.environ["VPPO_TINY_THREADS"]))
+    cpus = os.cpu_count() or 1
+    return 1 if cpus < 2 or os.getloadavg()[0] >= cpus - 0.5 else 2
+
+
+def tiny_key(cfg: TinyConfig) -> str:
+    return paths.artifact_key(
+        {"tiny": asdict(cfg), "tiny_version": TINY_VERSION, "synth_version": SYNTH_VERSION}
+    )
+
+
+def build_tiny_model(
+    out: str | Path, cfg: TinyConfig | None = None, synth_dir: str | Path | None = None
+) -> dict:
+    """Build tokenizer, processor and model, warm-start them and save all to `out`; returns the info."""
+    cfg = cfg or TinyConfig()
+    out = Path(out)
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads())
+    try:
+        synth_dir = Path(synth_dir) if synth_dir is not None else ensure_synth_data(cfg.synth)
+        train = list(load_problems(synth_dir, "train"))
+        val = list(load_problems(synth_dir, "val"))
+        test = list(load_problems(synth_dir, "test"))
+        tokenizer = build_tokenizer(_corpus(train), cfg.vocab_size)
+        processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
+        processor.tokenizer.padding_side = "left"
+        model = build_model(cfg, tokenizer)
+        log = warm_start(model, processor, train, val, cfg)
+        test_acc = _by_task(
+            test, sample_accuracy(model, processor, test, max_new_tokens=cfg.max_new_tokens, seed=2)
+        )
+        meta = json.loads((synth_dir / "meta.json").read_text())
+        info = {
+            "key": tiny_key(cfg),
+            "params": sum(p.numel() for p in model.parameters()),
+            "val_accuracy": log["val_accuracy"]["all"],
+            "test_accuracy": test_acc["all"],
+            "text_only_baseline": {s: meta["text_only_baseline"][s]["all"] for s in ("val", "test")},
+            "per_task": {
+                "val": log["val_accuracy"],
+                "test": test_acc,
+                "text_only_val": meta["text_only_baseline"]["val"],
+            },
+            "in_band": log["in_band"],
+            "band": list(cfg.band),
+            "sampling": "temperature 1.0, top_p 1.0, no top_k; one sample per problem; mathruler",
+            "warm_start_steps": log["steps"],
+            "warm_start_seconds": log["seconds"],
+            "threads": torch.get_num_threads(),
+            "config": asdict(cfg),
+            "history": log["history"],
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        info["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+        return info
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ensure_tiny_model(cfg: TinyConfig | None = None, root: str | Path | None = None) -> Path:
+    """The folder of the tiny base for `cfg` (default config), built on first use (a few minutes on CPU)."""
+    cfg = cfg or TinyConfig()
+    target = Path(root or paths.tiny_root()) / tiny_key(cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    synth_dir = ensure_synth_data(cfg.synth, Path(root) / "synth" if root else None)
+    return paths.build_once(target, lambda tmp: build_tiny_model(tmp, cfg, synth_dir), INFO_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="build here (always rebuilds) instead of the cache folder")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.out:
+        build_tiny_model(args.out)
+        out = Path(args.out)
+    else:
+        out = ensure_tiny_model()
+    info = json.loads((out / INFO_FILE).read_text())
+    print(f"tiny base model in {out} ({info['params'] / 1e6:.2f} M parameters)")
+    print(
+        f"val accuracy {info['val_accuracy']:.1%} (band {info['band']}, in band: {info['in_band']}), "
+        f"test {info['test_accuracy']:.1%}; text-only baseline val {info['text_only_baseline']['val']:.1%}, "
+        f"test {info['text_only_baseline']['test']:.1%}; warm start {info['warm_start_steps']} steps, "
+        f"{info['warm_start_seconds']:.0f} s; build {info['build_seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
