@@ -17,7 +17,10 @@ import sys
 # subprocess (bench.traffic sets it there), never here, whatever the caller's environment.
 os.environ["TRITON_INTERPRET"] = "0"
 
-from .harness import run  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .harness import render, run  # noqa: E402
 from .splice import splice
 
 
@@ -33,12 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--splice-only", action="store_true")
     ap.add_argument(
+        "--render-only", action="store_true", help="redo targets, table and plots from OUT/results.json"
+    )
+    ap.add_argument(
         "--compile-backend",
         default="inductor",
         help="torch.compile backend of the compile provider (tests: eager)",
     )
     a = ap.parse_args(argv)
-    if not a.splice_only:
+    if a.render_only:
+        out = Path(a.out)
+        render(json.loads((out / "results.json").read_text()), out)
+    elif not a.splice_only:
         run(
             [c for c in a.cases.split(",") if c] or None,
             tiny=a.tiny,
