@@ -49,7 +49,8 @@ def test_every_case_has_every_figure(results):
         assert rows["naive"]["peak_bytes"] > 0 and rows["naive"]["ms"] > 0
         assert rows["naive"]["pred_h100_ms"] > 0 and rows["naive"]["torch_bytes"] > 0
         # without a GPU the Triton provider says so instead of timing the interpreter
-        assert rows["triton"]["status"].startswith("unavailable"), rows["triton"]["status"]
+        if not torch.cuda.is_available():
+            assert rows["triton"]["status"].startswith("unavailable"), rows["triton"]["status"]
         for prov in ("compile", "torch"):
             r = rows[prov]
             if r["status"].startswith("unavailable: not written"):
@@ -79,9 +80,10 @@ def test_traffic_and_predictions(results):
 def test_outputs_written(results):
     res, out, stdout = results
     table = (out / "README_table.md").read_text()
-    assert "PREDICTIONS" in table and "No GPU on this machine" in table
+    assert "PREDICTIONS" in table and "GPU readiness" in table
     assert len(list(out.glob("*.png"))) == len({r["case"] for r in res["rows"]})
-    assert "need a GPU" in stdout
+    if not torch.cuda.is_available():  # says plainly which figures need a GPU
+        assert "No GPU on this machine" in table and "need a GPU" in stdout
 
 
 def test_traffic_counter_counts_masked_lanes():
