@@ -35,6 +35,15 @@ def test_vppo_step_moves_every_trainable_parameter(assets, tmp_path):
     assert 0 < rec["kept_frac"] < 1 and rec["dep_mean"] >= 0
 
 
+def test_learning_rate_warms_up_linearly_then_stays(assets, tmp_path):
+    from vppo.train import prepare, update
+
+    run = train_setup(assets, tmp_path, "train.warmup_steps=3", "train.lr=1e-3")
+    _, _, ub = prepare(run, 1)
+    lrs = [s["lr"] for _ in range(3) for s in update(run.engine, run.cfg, ub, run.world, run.ids)]
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
 def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_path):
     from vppo.train import prepare
 

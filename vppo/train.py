@@ -103,7 +103,7 @@ class GuardedAdamW(torch.optim.AdamW):
     def __init__(self, params, *, max_norm: float | None = None, partitioned: bool = False, **kw):
         super().__init__(params, **kw)
         self.max_norm, self.partitioned = max_norm, partitioned
-        self.skipped, self.last_skipped, self.last_norm = 0, False, float("nan")
+        self.skipped, self.last_skipped, self.last_norm, self.last_lr = 0, False, float("nan"), float("nan")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,7 +114,7 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.partitioned:
             sq = all_reduce(sq)
         norm = float(sq.sqrt())
-        self.last_norm = norm
+        self.last_norm, self.last_lr = norm, self.param_groups[0]["lr"]
         self.last_skipped = not math.isfinite(norm)
         if self.last_skipped:
             self.skipped += 1
@@ -316,6 +316,7 @@ def update(engine, cfg: Config, ub: UpdateBatch, world: int, ids) -> list[dict]:
                     # the loss of the whole global mini-batch (the micro losses are pre-scaled)
                     "loss": float(all_reduce(torch.tensor([step_loss], dtype=torch.float64))[0]) / world,
                     "grad_norm": guard.last_norm,
+                    "lr": guard.last_lr,
                     "skipped": guard.last_skipped,
                     "alpha_mean": float(alpha.mean()),
                 }
@@ -595,7 +596,11 @@ def build_engine(cfg: Config, hf, world: int):
         max_norm=t.grad_clip,
         partitioned=stage > 0,
     )
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=ds)
+    # linear warm-up over train.warmup_steps optimizer steps, then constant (the released recipe
+    # uses none); DeepSpeed steps the schedule at every optimizer step
+    warm = max(t.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds)
     engine.vppo_guard = opt  # the step's gradient norm and whether it was skipped
     return engine
 
