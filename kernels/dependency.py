@@ -272,10 +272,11 @@ def _row_blocks(v: int) -> tuple[int, int]:
 
 
 def _linear_blocks(element_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) of _dependency_linear_kernel: the largest tiles
-    that compile without register spills on sm_90 (two fp32 [BLOCK_N, BLOCK_V] accumulators
-    plus online-update temporaries of the same shape)."""
-    return (64, 128, 32, 8) if element_size == 2 else (32, 64, 32, 4)
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) of _dependency_linear_kernel: tiles that compile
+    without register spills on sm_80 and sm_90a (two fp32 [BLOCK_N, BLOCK_V] accumulators plus
+    online-update temporaries of the same shape). 16-bit: 128 rows a block, since each row block
+    streams the whole weight (64 x 128 spills on sm_80); fp32 IEEE dots run on FMA units."""
+    return (128, 64, 32, 8) if element_size == 2 else (32, 64, 32, 8)
 
 
 def _dependency_triton(clean, masked, labels, t: float) -> torch.Tensor:

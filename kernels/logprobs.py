@@ -40,6 +40,9 @@ BLOCK_V = 4096  # token_logprobs: vocab block of one row program
 # inputs (16 at least, for tl.dot): tensor-core sized on a GPU; wide vocab tiles under the
 # interpreter, whose cost is per operation (and its dot does not use BLAS).
 LIN_BLOCKS_GPU = (64, 128, 64)
+# fp32 (a testing dtype) multiplies with IEEE dots, i.e. FMA loops that hold their operand tiles
+# in registers: (64, 128, 64) spills up to 1.4 KB on sm_80; these fit sm_80 and sm_90a (<= 150 regs).
+LIN_BLOCKS_GPU_FP32 = (64, 64, 32)
 LIN_BLOCKS_INTERPRET = (64, 2048, 64)
 LIN_WARPS, LIN_STAGES = 8, 3
 IGNORE = tl.constexpr(IGNORE_INDEX)  # jit code reads only constexpr globals
@@ -92,18 +95,19 @@ def _logprobs_fwd_kernel(
     m = tl.full([1], float("-inf"), tl.float32)
     s = tl.zeros([1], tl.float32)
     t = tl.zeros([1], tl.float32)
-    for v0 in range(0, V, BLOCK):
+    for v0 in range(0, tl.where(ignore, 0, V), BLOCK):  # an ignored row reads no logits
         o_v = v0 + tl.arange(0, BLOCK)
         b_z = tl.load(p_z + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32)
         m, s, t = _online_update(m, s, t, b_z[None, :], T)
+    s = tl.where(ignore, 1.0, s)  # an ignored row: s = 0 (no logits); logs = 0, no 0 / 0
     logs = tl.log(s)
-    z_y = tl.load(p_z + tl.where(ignore, 0, y)).to(tl.float32)
+    z_y = tl.load(p_z + tl.where(ignore, 0, y), mask=~ignore, other=0.0).to(tl.float32)
     logp = (z_y - m) / T - logs  # z_y <= m and s >= 1: never positive
     ent = logs - t / s  # = -sum p log p, t <= 0
     o_1 = i_n + tl.arange(0, 1)
     tl.store(logp_ptr + o_1, tl.where(ignore, 0.0, logp))
     tl.store(ent_ptr + o_1, tl.where(ignore, 0.0, ent))
-    tl.store(m_ptr + o_1, m)
+    tl.store(m_ptr + o_1, tl.where(ignore, 0.0, m))  # -inf on an ignored row
     tl.store(logs_ptr + o_1, logs)
 
 
@@ -137,7 +141,8 @@ def _logprobs_bwd_kernel(
     for v0 in range(0, V, BLOCK):
         o_v = v0 + tl.arange(0, BLOCK)
         m_v = o_v < V
-        b_z = tl.load(p_z + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        # an ignored row reads no logits (all -inf: p = 0) and gets zeros
+        b_z = tl.load(p_z + o_v, mask=m_v & keep, other=float("-inf")).to(tl.float32)
         live = b_z != float("-inf")  # padded vocab: p = 0, no gradient, no 0 * -inf
         b_lp = tl.where(live, (b_z - m) / T - logs, 0.0)
         b_p = tl.where(live, tl.exp(b_lp), 0.0)
@@ -513,7 +518,10 @@ def _lin_flags(hidden):
 
 
 def _lin_blocks(hidden):
-    bn, bv, bh = LIN_BLOCKS_INTERPRET if INTERPRET else LIN_BLOCKS_GPU
+    if INTERPRET:
+        bn, bv, bh = LIN_BLOCKS_INTERPRET
+    else:
+        bn, bv, bh = LIN_BLOCKS_GPU_FP32 if hidden.dtype == torch.float32 else LIN_BLOCKS_GPU
     n, h = hidden.shape
     return min(bn, max(16, triton.next_power_of_2(n))), bv, min(bh, max(16, triton.next_power_of_2(h)))
 

@@ -148,6 +148,32 @@ def test_ignored_rows_are_zero_and_get_no_grad(impl):
     assert not logp.any() and not ent.any() and not grad.any()
 
 
+def test_triton_reads_each_kept_row_once_and_ignored_rows_never(monkeypatch):
+    # bytes of bf16 logits requested under the interpreter (masked-in lanes): forward and
+    # backward each read a kept row once (+ the forward's label gather), an ignored row not at all
+    from triton.runtime import interpreter
+
+    read = [0]
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting(self, ptrs, mask, *args, **kwargs):
+        ret = original(self, ptrs, mask, *args, **kwargs)
+        if str(ptrs.get_element_ty()) == "bf16":
+            read[0] += int(mask.data.sum()) * ret.data.itemsize
+        return ret
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting)
+    n, v = 5, 5000  # two vocab blocks a row, the last partial
+    z = torch.randn(n, v).to(torch.bfloat16).requires_grad_(True)
+    y = _labels(n, v, ignore=[1, 3])
+    logp, ent = kernels.token_logprobs(z, y, impl="triton")
+    assert read[0] == 3 * (v + 1) * 2, read
+    read[0] = 0
+    (logp.sum() + ent.sum()).backward()
+    assert read[0] == 3 * v * 2, read
+    assert not z.grad[[1, 3]].any() and z.grad[[0, 2, 4]].any(-1).all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_equals_normal_and_consumes_logits(impl, dtype):

@@ -240,9 +240,10 @@ def test_torch_impl_never_holds_n_by_v_at_7b_shape():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_tile_sizes(dtype, monkeypatch):
-    # the interpreter runs wide vocab tiles; check the GPU tiling (128 columns, 64-row blocks,
-    # a scratch chunk of 256 columns) on a small shape too
-    monkeypatch.setattr(lp_mod, "LIN_BLOCKS_INTERPRET", lp_mod.LIN_BLOCKS_GPU)
+    # the interpreter runs wide vocab tiles; check the GPU tiling of the dtype (64-row blocks,
+    # 128 or 64 columns, scratch chunks of 512 or 256 columns, several per V) on a small shape
+    gpu = lp_mod.LIN_BLOCKS_GPU_FP32 if dtype == torch.float32 else lp_mod.LIN_BLOCKS_GPU
+    monkeypatch.setattr(lp_mod, "LIN_BLOCKS_INTERPRET", gpu)
     monkeypatch.setattr(lp_mod, "SCRATCH_BYTES", 70 * 256 * 4)
     h, w, y = _inputs(70, 80, 600, dtype, ignore=[0])
     _three_way(h, w, y, "triton", temperature=0.9)
