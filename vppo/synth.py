@@ -3,7 +3,7 @@
     python -m vppo.synth                 # build (or find in the cache) the default set, print a summary
     python -m vppo.synth --out DIR --seed 1
 
-Five task types, drawn with PIL on small RGB images (84 x 84: a 6 x 6 grid of 14-pixel patches, 9
+Five task types, drawn with PIL on small grey RGB images (84 x 84: a 6 x 6 grid of 14-pixel patches, 9
 image tokens after the 2 x 2 merge), each with difficulty mixed inside it:
 - colour: 1 shape (half the time) or 2-3 of different kinds and colours, "what colour is the <kind>?";
 - count:  1-5 shapes of one colour, half the time among 1-3 of other colours, "how many <colour> shapes?";
@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vppo import paths
 
-SYNTH_VERSION = 4  # bump when the drawing or the questions change: the cache key includes it
+SYNTH_VERSION = 5  # bump when the drawing or the questions change: the cache key includes it
 TASKS = ("colour", "count", "bars", "number", "angle")
 SPLITS = ("train", "val", "test")
 COLOURS = {
@@ -46,7 +46,10 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 KINDS = ("circle", "square", "triangle")
-BACKGROUND = (255, 255, 255)
+# Mid grey normalises to about 0 under the CLIP mean / std the processor uses, so the drawn marks,
+# not the background, dominate the image features: a tiny model starts using the image within ~60
+# steps instead of ~200 on white (measured on the colour task).
+BACKGROUND = (128, 128, 128)
 META_FILE = "meta.json"
 
 
@@ -159,7 +162,8 @@ def _number_task(rng, size):
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
     x = int(rng.integers(2 - x0, size - 2 - x1 + 1))
     y = int(rng.integers(2 - y0, size - 2 - y1 + 1))
-    colour = tuple(int(v) for v in rng.integers(0, 120, size=3))
+    base = 0 if rng.random() < 0.5 else 200  # dark or light text, never close to the grey background
+    colour = tuple(int(v) for v in rng.integers(base, base + 56, size=3))
     draw.text((x, y), text, fill=colour, font=font)
     question = "What number is written in the image?"
     response = f"<think> it reads {text} </think> \\boxed{{{text}}}"
