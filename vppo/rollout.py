@@ -126,7 +126,8 @@ def generate(
         do_sample=True,
         temperature=gen.temperature,
         top_p=gen.top_p,
-        top_k=gen.top_k if gen.top_k > 0 else None,
+        top_k=gen.top_k,  # 0 = off; never None, or generate() takes the checkpoint's default
+        repetition_penalty=1.0,  # likewise (Qwen2.5-VL-7B-Instruct ships 1.05)
         max_new_tokens=gen.max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
