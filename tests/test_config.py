@@ -236,7 +236,15 @@ def test_world_size_from_env(monkeypatch):
 
 
 def test_derived_numbers(capsys):
-    c = load_config(None, ["rollout.rollout_batch_size=32", "train.global_batch=8", "train.micro_batch=16"])
+    c = load_config(
+        None,
+        [
+            "rollout.rollout_batch_size=32",
+            "train.global_batch=8",
+            "train.micro_batch=16",
+            "train.total_steps=40",
+        ],
+    )
     d = derived(c, 2, n_train=100)
     out = capsys.readouterr().out
     assert d.optimizer_steps_per_rollout == 4

@@ -133,7 +133,7 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(1, "passes over the training set (ignored when total_steps is set)")
-    total_steps: int | None = _f(40, "training steps (rollout batches); null = derived from epochs")
+    total_steps: int | None = _f(80, "training steps (rollout batches); null = derived from epochs")
     global_batch: int = _f(16, "prompts per optimizer step (mini-batch); trajectories = global_batch * n")
     micro_batch: int = _f(32, "trajectories per rank per update forward/backward")
     logprob_micro_batch: int = _f(64, "trajectories per rank per no-grad log-prob / dependency pass")
@@ -151,11 +151,11 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     output_dir: str = _f("runs/tiny", "run folder: resolved config, metrics, logs, checkpoints")
-    save_every: int = _f(20, "checkpoint every N steps; 0 = only at the end")
+    save_every: int = _f(40, "checkpoint every N steps; 0 = only at the end")
     keep_last: int = _f(2, "checkpoints kept (older ones deleted after a new one is complete)")
     resume: str = _f("auto", "auto (newest complete checkpoint in output_dir) | never | a checkpoint path")
     log_every: int = _f(1, "log metrics every N steps")
-    val_every: int = _f(10, "validate every N steps; 0 = off")
+    val_every: int = _f(20, "validate every N steps; 0 = off")
     val_samples: int = _f(128, "validation problems (0 = all)")
     watchdog_seconds: float = _f(1800.0, "dump all stacks when a phase runs longer than this; 0 = off")
     export_hf: bool = _f(True, "export the final policy in Hugging Face format")
