@@ -167,7 +167,13 @@ def _zero3_ranks(model) -> bool:
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return zero3_partitioned(model.parameters())
+
+
+def zero3_partitioned(params) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions these parameters (outside their module's forward
+    they are empty and must be gathered)."""
+    return any(hasattr(p, "ds_id") for p in params)
 
 
 def model_inputs(ro: Rollout, *, masked: bool = False, vision_ids: list[int] = (), pad_id: int = 0) -> dict:

@@ -49,7 +49,7 @@ from vppo import objective
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, config_from_args, deepspeed_config, save_resolved
 from vppo.loss import vppo_loss_linear
-from vppo.rollout import GenSettings, Rollout, generate, model_inputs, response_hidden
+from vppo.rollout import GenSettings, Rollout, generate, model_inputs, response_hidden, zero3_partitioned
 
 log = logging.getLogger("vppo.train")
 
@@ -173,14 +173,14 @@ class Scored:
     ref_logp: torch.Tensor | None = None  # the frozen reference policy's, when algo.kl_coef > 0
 
 
-def _gathered(weight):
-    """Context giving the full lm_head weight (ZeRO-3 partitions it outside its forward)."""
+def _gathered(params: list):
+    """Context giving the full parameters (ZeRO-3 partitions them outside their module's forward)."""
     import contextlib
 
-    if hasattr(weight, "ds_id"):
+    if zero3_partitioned(params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([weight])
+        return deepspeed.zero.GatheredParameters(params)
     return contextlib.nullcontext()
 
 
@@ -199,7 +199,7 @@ def score(
         h = response_hidden(hf, inputs, ro.prompt_len)
         rows = valid.to(h.device)
         h, y = h[rows], part.responses.to(h.device)[rows]  # (N, H), (N,): response positions only
-        with _gathered(hf.lm_head.weight):
+        with _gathered([hf.lm_head.weight]):
             w = hf.lm_head.weight
             if dependency:
                 masked = model_inputs(part, masked=True, vision_ids=ids.vision, pad_id=ids.pad)
@@ -607,16 +607,10 @@ def build_engine(cfg: Config, hf, world: int):
 
 def export_hf(engine, processor, out: Path, rank: int) -> None:
     """The policy in Hugging Face format (gathers ZeRO-3 shards), written atomically by rank 0."""
-    import contextlib
     import shutil
 
-    import deepspeed
-
     hf = engine.module.hf
-    params = list(hf.parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params)
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
-    with ctx:
+    with _gathered(list(hf.parameters())):
         if rank == 0:
             from vppo.eval import eos_ids_of
 
@@ -841,7 +835,7 @@ def train(cfg: Config) -> dict:
     cfg, rank = run.cfg, run.rank
     val_on = bool(cfg.run.val_every and run.val_problems)
     # under ZeRO-3 every forward gathers the weights from all ranks: all ranks validate (rank 0 logs)
-    val_here = rank == 0 or any(hasattr(p, "ds_id") for p in run.hf.parameters())
+    val_here = rank == 0 or zero3_partitioned(run.hf.parameters())
     if val_here and run.start == 0 and val_on:
         rec = {"step": 0, **validate(run)}
         run.metrics.log(rec)
