@@ -39,6 +39,9 @@ def main() -> None:
         state = {k: v.detach().clone() for k, v in engine.module.hf.state_dict().items()}
     if rank == 0:
         torch.save({"losses": [s["loss"] for s in steps], "state": state}, out_path)
+    # leave together: a rank exiting while the others still use the group aborts ("terminate called")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -876,6 +876,9 @@ def main(argv: list[str] | None = None) -> None:
     last = train(cfg)
     if last and (not dist.is_initialized() or dist.get_rank() == 0):
         print(json.dumps(last), flush=True)
+    if dist.is_initialized():  # leave together: a rank exiting mid-collective aborts the others
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
