@@ -93,6 +93,43 @@ def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
     torch.testing.assert_close(again.old_logp[1:], sc.old_logp[1:], rtol=1e-5, atol=1e-5)
 
 
+def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets, tmp_path, monkeypatch):
+    import vppo.eval
+    from vppo.data import PROMPT_SUFFIX
+    from vppo.train import prepare, validate
+
+    suffix = "Answer in a box."
+    run = train_setup(
+        assets, tmp_path, f"data.prompt_suffix={suffix}", "run.val_every=1", "run.val_samples=2"
+    )
+    _, _, ub = prepare(run, 1)
+    tok = run.processor.tokenizer
+    prompt = tok.decode(ub.ro.input_ids[0, : ub.ro.prompt_len])
+    assert suffix in prompt and PROMPT_SUFFIX not in prompt
+    seen = []
+    real = vppo.eval.encode_prompts
+
+    def spy(problems, processor, suffix=PROMPT_SUFFIX, **kw):
+        seen.append(suffix)
+        return real(problems, processor, suffix, **kw)
+
+    monkeypatch.setattr(vppo.eval, "encode_prompts", spy)
+    validate(run)
+    assert seen and set(seen) == {suffix}
+    # the overlong filter measures prompts with the configured suffix: a bound that every prompt
+    # with the short suffix meets drops every prompt with the long default one
+    from vppo.data import prompt_length
+
+    bound = max(prompt_length(p, run.processor, suffix) for p in run.train_set)
+    assert bound < min(prompt_length(p, run.processor, PROMPT_SUFFIX) for p in run.train_set)
+    short = train_setup(
+        assets, tmp_path / "s", f"data.prompt_suffix={suffix}", f"data.max_prompt_len={bound}"
+    )
+    assert len(short.train_set) == len(run.train_set) and short.train_set.stats.overlong == 0
+    with pytest.raises(ValueError, match=r"training set \(0 prompts\)"):
+        train_setup(assets, tmp_path / "l", f"data.max_prompt_len={bound}")
+
+
 def test_grpo_with_a_reference_policy_starts_at_zero_kl(assets, tmp_path):
     from vppo.train import prepare, update
 

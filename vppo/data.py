@@ -35,13 +35,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vppo.config import VPPO_PROMPT_SUFFIX
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
-PROMPT_SUFFIX = (
-    "You first think through the reasoning process as an internal monologue, enclosed within "
-    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
-)
+PROMPT_SUFFIX = VPPO_PROMPT_SUFFIX  # one copy of the released prompt suffix (vppo.config holds it)
 # Released recipe (vppo.md section 5): 256 and 1280 merged 28x28 cells.
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28

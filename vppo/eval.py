@@ -162,9 +162,11 @@ def eos_ids_of(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and 0 <= i < vocab)
 
 
-def rollout_sampler(model, processor, gen: GenSettings, *, repetition_penalty: float = 1.0) -> SampleFn:
-    """The default SampleFn: the processor's left-padded prompts (vppo.data), rollout.generate() (the
-    training loop's sampling code) with one seeded generator per sample."""
+def rollout_sampler(
+    model, processor, gen: GenSettings, *, repetition_penalty: float = 1.0, suffix: str | None = PROMPT_SUFFIX
+) -> SampleFn:
+    """The default SampleFn: the processor's left-padded prompts (vppo.data, `suffix` after the problem
+    text), rollout.generate() (the training loop's sampling code) with one seeded generator per sample."""
     tok = processor.tokenizer
     eos = eos_ids_of(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -173,7 +175,7 @@ def rollout_sampler(model, processor, gen: GenSettings, *, repetition_penalty: f
 
     def sample(problems: Sequence[Problem], seeds: list[list[int]]) -> list[str]:
         n = len(seeds[0])
-        inputs = encode_prompts(problems, processor)
+        inputs = encode_prompts(problems, processor, suffix)
         sampler = SeededSampler([s for row in seeds for s in row], gen)
         ro = generate(
             _SeededModel(model, sampler, repetition_penalty),
@@ -374,6 +376,7 @@ def evaluate_problems(
     benchmark: str = "val",
     batch_size: int = 8,
     repetition_penalty: float = 1.0,
+    suffix: str | None = PROMPT_SUFFIX,
     cache: ProblemCache | None = None,
     progress: bool | str = False,
     sample_fn: SampleFn | None = None,
@@ -386,6 +389,7 @@ def evaluate_problems(
         problems: vppo.data Problems; a problem's row index (`meta["row"]`, else its position) and
             `benchmark` seed its samples, so the result does not depend on `batch_size` or a resume.
         batch_size: problems per generate() call (batch_size * samples rows).
+        suffix: appended after each problem's text (the training run's data.prompt_suffix).
         cache: finished problems are skipped and new ones appended (see ProblemCache).
         progress: False, True, or a tqdm description.
         sample_fn: replaces the default sampler (rollout_sampler); tests and custom backends.
@@ -400,7 +404,9 @@ def evaluate_problems(
     indices = [int(p.meta.get("row", i)) for i, p in enumerate(problems)]
     if len(set(indices)) != len(indices):
         raise ValueError("problems: duplicate row indices (meta['row']); seeds would repeat")
-    sample_fn = sample_fn or rollout_sampler(model, processor, gen, repetition_penalty=repetition_penalty)
+    sample_fn = sample_fn or rollout_sampler(
+        model, processor, gen, repetition_penalty=repetition_penalty, suffix=suffix
+    )
     done: dict[int, ProblemResult] = dict(cache.done) if cache is not None else {}
     todo = [(i, p) for i, p in zip(indices, problems) if i not in done]
     bar = None

@@ -432,7 +432,7 @@ def sample_rollout(
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + tries * 101 + rank)
         ro = generate(
             hf,
-            encode_prompts(probs, processor),
+            encode_prompts(probs, processor, cfg.data.prompt_suffix),
             r.n,
             gen,
             eos_ids=ids.eos,
@@ -678,7 +678,8 @@ def setup(cfg: Config) -> Run:
     def load(src, split):
         return vdata.load_problems(
             src, split, problem_key=d.problem_key, answer_key=d.answer_key, image_key=d.image_key,
-            image_dir=d.image_dir, processor=processor, max_prompt_length=d.max_prompt_len, strict=d.strict,
+            image_dir=d.image_dir, processor=processor, max_prompt_length=d.max_prompt_len,
+            suffix=d.prompt_suffix, strict=d.strict,
         )  # fmt: skip
 
     train_set = load(d.train, "train")
@@ -738,6 +739,7 @@ def validate(run: Run) -> dict:
         seed=run.cfg.train.seed,
         benchmark="val",
         batch_size=max(1, run.cfg.train.logprob_micro_batch // r.val_n),
+        suffix=run.cfg.data.prompt_suffix,
     )
     return {"val_accuracy": res.accuracy, "val_stderr": res.stderr}
 
