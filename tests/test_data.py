@@ -309,3 +309,15 @@ def test_load_processor_pixel_bounds_and_vision_ids(processor, tmp_path):
     ids = vision_token_ids(processor)
     assert len(ids) == 5 and processor.image_token_id in ids
     assert sorted(processor.tokenizer.convert_ids_to_tokens(ids)) == sorted(data.VISION_SPECIAL_TOKENS)
+
+
+def test_prompt_file_round_trip_default_and_bad_file(tmp_path):
+    from vppo.data import PROMPT_FILE, PROMPT_SUFFIX, load_prompt_suffix, save_prompt_suffix
+
+    assert load_prompt_suffix(tmp_path) == PROMPT_SUFFIX  # nothing recorded: the released suffix
+    for suffix in ("Answer in \\boxed{}.", "", None):
+        save_prompt_suffix(tmp_path, suffix)
+        assert load_prompt_suffix(tmp_path) == suffix
+    (tmp_path / PROMPT_FILE).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=PROMPT_FILE):
+        load_prompt_suffix(tmp_path)

@@ -292,6 +292,35 @@ def test_report_sits_beside_the_paper_numbers():
 # the command line on the micro model
 
 
+def test_cli_asks_with_the_suffix_the_model_folder_records(micro, data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from vppo.data import PROMPT_FILE, save_prompt_suffix
+
+    model = tmp_path / "tiny-like"
+    shutil.copytree(micro, model)
+    save_prompt_suffix(model, "Answer in \\boxed{}.")
+    real, seen = ev.encode_prompts, []
+
+    def encode(problems, processor, suffix=ev.PROMPT_SUFFIX, **kw):  # what generation is given
+        seen.append(suffix)
+        return real(problems, processor, suffix, **kw)
+
+    monkeypatch.setattr(ev, "encode_prompts", encode)
+    for name, extra, want in (
+        ("recorded", (), "Answer in \\boxed{}."),
+        ("explicit", ("--prompt-suffix", ""), ""),
+        ("unrecorded", (), SUFFIX),  # no prompt file: the released suffix
+    ):
+        if name == "unrecorded":
+            (model / PROMPT_FILE).unlink()
+        seen.clear()
+        m = _run(model, data_dir, tmp_path / name, "--benchmarks", "geo3k", *extra)["manifest"]
+        assert seen and set(seen) == {want}, (name, seen)
+        assert m["prompt"]["suffix"] == want and (want in m["prompt"]["example"])
+        assert (SUFFIX in m["prompt"]["example"]) == (want == SUFFIX)
+
+
 def test_cli_writes_tables_samples_and_manifest(micro, data_dir, tmp_path):
     out = tmp_path / "run"
     r = _run(micro, data_dir, out, "--seed", "5", "--batch-size", "3")

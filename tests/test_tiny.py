@@ -47,7 +47,7 @@ def test_tokenizer_has_qwen_specials_and_template(synth_dir):
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
     proc = tiny.build_processor(tok)
-    text = render_prompt(train[0], proc)
+    text = render_prompt(train[0], proc, tiny.TINY_PROMPT_SUFFIX)  # the suffix the tiny base learns
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert "<|vision_start|><|image_pad|><|vision_end|>" in text and text.endswith("<|im_start|>assistant\n")
     # The BPE corpus is exactly what the processor renders.
@@ -64,7 +64,7 @@ def test_sft_batch_layout(synth_dir):
     proc = tiny.build_processor(tok)
     targets = [[5, 6], [7], [8, 9, 10]]
     b = tiny._sft_batch(train, targets, proc, tok.pad_token_id)
-    prompt = encode_prompts(train, proc)
+    prompt = encode_prompts(train, proc, tiny.TINY_PROMPT_SUFFIX)
     t = prompt["input_ids"].shape[1]
     assert b["input_ids"].shape == (3, t + 3)
     assert torch.equal(b["input_ids"][:, :t], prompt["input_ids"])
@@ -83,6 +83,10 @@ def test_micro_build_loads_like_a_released_checkpoint(built, synth_dir):
     assert saved["text_only_baseline"]["val"] == meta["text_only_baseline"]["val"]["all"]
     assert 0.0 <= saved["val_accuracy"] <= 1.0 and saved["params"] == info["params"] < 200_000
     assert saved["warm_start_steps"] <= MICRO.max_steps
+    # the suffix the warm start taught is recorded where vppo.eval and vppo.train look for it
+    from vppo.data import load_prompt_suffix
+
+    assert load_prompt_suffix(out) == MICRO.prompt_suffix == saved["prompt_suffix"] == tiny.TINY_PROMPT_SUFFIX
 
     proc = AutoProcessor.from_pretrained(out, local_files_only=True)
     assert type(proc).__name__ == "Qwen2_5_VLProcessor"
@@ -129,7 +133,8 @@ def test_warm_start_stops_in_band_and_rolls_back_past_it(monkeypatch, synth_dir)
         return [next(script)] * len(problems)
 
     monkeypatch.setattr(tiny, "sample_accuracy", fake)
-    cfg = TinyConfig(**{**MICRO.__dict__, "max_steps": 50, "eval_every": 4})
+    stops = {"stop_low": 0.33, "stop_high": 0.55, "accept": (0.25, 0.55)}
+    cfg = TinyConfig(**{**MICRO.__dict__, "max_steps": 50, "eval_every": 4, **stops})
     threads = torch.get_num_threads()
     torch.set_num_threads(tiny._threads())  # as build_tiny_model does: 1 on a busy machine
     try:

@@ -39,6 +39,9 @@ VPPO_PROMPT_SUFFIX = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
     "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
 )
+# The embedded tiny default's suffix: its base model is trained from scratch and learns the answer format
+# from its warm start, so the 37 tokens of the released suffix (half of each prompt) only cost compute.
+TINY_PROMPT_SUFFIX = "Answer in \\boxed{}."
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -68,7 +71,9 @@ class DataConfig:
     problem_key: str = _f("problem", "column with the problem text (with <image> placeholders)")
     answer_key: str = _f("answer", "column with the ground-truth answer")
     image_key: str = _f("images", "column with the images")
-    prompt_suffix: str = _f(VPPO_PROMPT_SUFFIX, "appended after the problem text")
+    prompt_suffix: str = _f(
+        TINY_PROMPT_SUFFIX, "appended after the problem text (the 7B configs: the released VPPO suffix)"
+    )
     min_pixels: int = _f(3136, "processor min_pixels (released: 200704 = 256*28*28)")
     max_pixels: int = _f(50176, "processor max_pixels (released: 1003520 = 1280*28*28)")
     max_prompt_len: int = _f(512, "prompt tokens after image expansion; longer prompts are dropped")

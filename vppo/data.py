@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 PROMPT_SUFFIX = VPPO_PROMPT_SUFFIX  # one copy of the released prompt suffix (vppo.config holds it)
+# Written beside a model the project trained (the tiny base, a training export): the suffix its prompts
+# used, so evaluation asks the question the way the model learned it.
+PROMPT_FILE = "vppo_prompt.json"
 # Released recipe (vppo.md section 5): 256 and 1280 merged 28x28 cells.
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
@@ -227,6 +231,24 @@ def encode_prompts(
     return processor(
         text=texts, images=images or None, padding=True, padding_side=padding_side, return_tensors="pt"
     )
+
+
+def save_prompt_suffix(model_dir: str | os.PathLike, suffix: str | None) -> Path:
+    """Record in `model_dir` the prompt suffix a model was trained with (PROMPT_FILE)."""
+    path = Path(model_dir) / PROMPT_FILE
+    path.write_text(json.dumps({"suffix": suffix}, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_prompt_suffix(model_dir: str | os.PathLike) -> str | None:
+    """The suffix recorded by save_prompt_suffix, or the released PROMPT_SUFFIX when none was recorded."""
+    path = Path(model_dir) / PROMPT_FILE
+    if not path.is_file():
+        return PROMPT_SUFFIX
+    try:
+        return json.loads(path.read_text())["suffix"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a prompt file written by vppo ({e})") from e
 
 
 def set_pixel_bounds(processor, min_pixels: int | None = None, max_pixels: int | None = None):

@@ -46,7 +46,14 @@ from pathlib import Path
 import torch
 
 from vppo.benchmarks import PAPER_AVG, PAPER_BENCHMARKS, PAPER_RESULTS, TITLES, Benchmark
-from vppo.data import PROMPT_SUFFIX, Problem, encode_prompts, render_prompt, vision_token_ids
+from vppo.data import (
+    PROMPT_SUFFIX,
+    Problem,
+    encode_prompts,
+    load_prompt_suffix,
+    render_prompt,
+    vision_token_ids,
+)
 from vppo.rollout import GenSettings, generate
 
 # The authors' evaluation settings (vppo.md section 6).
@@ -696,6 +703,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=EVAL_GEN.top_k, help="0 = off")
     ap.add_argument("--max-new-tokens", type=int, default=EVAL_GEN.max_new_tokens)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument(
+        "--prompt-suffix",
+        default=None,
+        help="text after each problem (default: the one recorded in the model folder's "
+        "vppo_prompt.json by vppo.train / vppo.tiny, else the released VPPO suffix); '' for none",
+    )
     ap.add_argument("--batch-size", type=int, default=8, help="problems per generate call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<model name>)")
@@ -748,6 +761,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     processor = load_eval_processor(model_path, args.min_pixels, args.max_pixels)
+    suffix = args.prompt_suffix if args.prompt_suffix is not None else load_prompt_suffix(model_path)
     model = None if sample_fn is not None else load_model(model_path, args.device)
     t0 = time.time()
     hashes = model_hashes(model_path, memo=out / "model_hashes.json")
@@ -765,7 +779,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         "seeding": "per sample: sha256('vppo-eval', seed, benchmark, row) then sha256(problem seed, sample)",
         "batch_size": args.batch_size,
         "image_pixels": image_pixels(processor),
-        "prompt": prompt_template(processor, benches[0].problems[0]),
+        "prompt": prompt_template(processor, benches[0].problems[0], suffix),
         "grader": grader_version(),
         "packages": package_versions(),
         "data": {
@@ -809,6 +823,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
             benchmark=b.name,
             batch_size=args.batch_size,
             repetition_penalty=args.repetition_penalty,
+            suffix=suffix,
             cache=cache,
             progress=False if args.no_progress else b.title,
             sample_fn=sample_fn,

@@ -194,12 +194,43 @@ def model_inputs(ro: Rollout, *, masked: bool = False, vision_ids: list[int] = (
     return out
 
 
+def shared_image_features(model, pixel_values: torch.Tensor, grid: torch.Tensor):
+    """The vision tower's output for a batch whose rows repeat images, computing each run of equal
+    consecutive images once (the n responses of a prompt share its clean image); None when no image
+    repeats. `model` is the Qwen2.5-VL base model (`hf.model`); the result is what its forward takes
+    as `mm_encoder_outputs["image"]`, one pooled feature block per image of the batch, in order.
+
+    Vision attention never crosses images (cu_seqlens per image), so the features are those of the
+    per-row computation; under autograd the repeated blocks sum their gradients into one tower pass.
+    """
+    imgs = pixel_values.split(grid.prod(-1).tolist())  # per image: (t * h * w, C * 2 * 14 * 14)
+    first, which = [], []  # index of each distinct image, and per image the distinct one it equals
+    for i, im in enumerate(imgs):
+        j = first[-1] if first else None
+        if j is None or not (torch.equal(grid[j], grid[i]) and torch.equal(imgs[j], im)):
+            first.append(i)
+        which.append(len(first) - 1)
+    if len(first) == len(imgs):
+        return None
+    feats = model.get_image_features(torch.cat([imgs[i] for i in first]), grid[first], return_dict=True)
+    per_image = feats.pooler_output  # tuple: (tokens_i, H) per distinct image
+    feats.pooler_output = tuple(per_image[j] for j in which)
+    return feats
+
+
 def response_hidden(hf_model, inputs: dict, prompt_len: int) -> torch.Tensor:
     """Last hidden states at the positions that predict response tokens: (b, R, H).
 
     Runs the base model only (no lm_head): the caller feeds the hidden states to a fused kernel
-    so the [tokens, V] logits are never materialized."""
+    so the [tokens, V] logits are never materialized. An image repeated over consecutive rows goes
+    through the vision tower once (`shared_image_features`)."""
     device = next(hf_model.parameters()).device
-    out = hf_model.model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if inputs.get("pixel_values") is not None and inputs.get("image_grid_thw") is not None:
+        feats = shared_image_features(hf_model.model, inputs["pixel_values"], inputs["image_grid_thw"])
+        if feats is not None:
+            del inputs["pixel_values"]
+            inputs["mm_encoder_outputs"] = {"image": feats}
+    out = hf_model.model(**inputs, use_cache=False)
     h = out.last_hidden_state  # (b, P + R, H)
     return h[:, prompt_len - 1 : -1]

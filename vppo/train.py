@@ -144,6 +144,13 @@ def init_distributed() -> tuple[int, int]:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(port))
+    if not torch.cuda.is_available():
+        # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op the first time a
+        # process group is made (40-80 s on a fresh 2-core machine, every rank); gloo is enough here.
+        # deepspeed.ops caches its compatibility table as one module-level dict, so the edit holds.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -605,9 +612,12 @@ def build_engine(cfg: Config, hf, world: int):
     return engine
 
 
-def export_hf(engine, processor, out: Path, rank: int) -> None:
-    """The policy in Hugging Face format (gathers ZeRO-3 shards), written atomically by rank 0."""
+def export_hf(engine, processor, out: Path, rank: int, suffix: str | None) -> None:
+    """The policy in Hugging Face format (gathers ZeRO-3 shards), written atomically by rank 0, with
+    the prompt suffix it was trained on (vppo.data.PROMPT_FILE, read by vppo.eval)."""
     import shutil
+
+    from vppo.data import save_prompt_suffix
 
     hf = engine.module.hf
     with _gathered(list(hf.parameters())):
@@ -622,6 +632,7 @@ def export_hf(engine, processor, out: Path, rank: int) -> None:
             state = {k: v.detach().cpu().clone() for k, v in hf.state_dict().items()}
             hf.save_pretrained(tmp, state_dict=state)
             processor.save_pretrained(tmp)
+            save_prompt_suffix(tmp, suffix)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
@@ -674,6 +685,13 @@ def setup(cfg: Config) -> Run:
 
     d = cfg.data
     processor = vdata.load_processor(cfg.model.path, d.min_pixels, d.max_pixels)
+    if (Path(cfg.model.path) / vdata.PROMPT_FILE).is_file():
+        learned = vdata.load_prompt_suffix(cfg.model.path)
+        if learned != d.prompt_suffix and rank == 0:
+            log.warning(
+                "data.prompt_suffix=%r differs from the suffix %s was trained with (%r, in %s)",
+                d.prompt_suffix, cfg.model.path, learned, vdata.PROMPT_FILE,
+            )  # fmt: skip
 
     def load(src, split):
         return vdata.load_problems(
@@ -868,7 +886,9 @@ def train(cfg: Config) -> dict:
     run.grader.close()
     run.timer.close()
     if cfg.run.export_hf:
-        export_hf(run.engine, run.processor, Path(cfg.run.output_dir) / "export", rank)
+        export_hf(
+            run.engine, run.processor, Path(cfg.run.output_dir) / "export", rank, cfg.data.prompt_suffix
+        )
     return last
 
 
