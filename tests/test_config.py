@@ -221,8 +221,10 @@ def test_yaml_then_overrides_precedence(tmp_path):
     ],
 )
 def test_batch_divisibility(overrides, world, fields):
-    with pytest.raises(ValueError) as e:
-        load_config(None, overrides, world_size=world)
+    with pytest.raises(ValueError) as e:  # the sizes spelled out, whatever the defaults are
+        load_config(
+            None, ["rollout.rollout_batch_size=16", "train.global_batch=16", *overrides], world_size=world
+        )
     for f in fields:
         assert f in str(e.value)
 

@@ -47,7 +47,7 @@ def test_tokenizer_has_qwen_specials_and_template(synth_dir):
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
     proc = tiny.build_processor(tok)
-    text = render_prompt(train[0], proc, tiny.TINY_PROMPT_SUFFIX)  # the suffix the tiny base learns
+    text = render_prompt(train[0], proc, tiny.PROMPT_SUFFIX)  # the suffix the tiny base learns
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert "<|vision_start|><|image_pad|><|vision_end|>" in text and text.endswith("<|im_start|>assistant\n")
     # The BPE corpus is exactly what the processor renders.
@@ -64,7 +64,7 @@ def test_sft_batch_layout(synth_dir):
     proc = tiny.build_processor(tok)
     targets = [[5, 6], [7], [8, 9, 10]]
     b = tiny._sft_batch(train, targets, proc, tok.pad_token_id)
-    prompt = encode_prompts(train, proc, tiny.TINY_PROMPT_SUFFIX)
+    prompt = encode_prompts(train, proc, tiny.PROMPT_SUFFIX)
     t = prompt["input_ids"].shape[1]
     assert b["input_ids"].shape == (3, t + 3)
     assert torch.equal(b["input_ids"][:, :t], prompt["input_ids"])
@@ -86,7 +86,7 @@ def test_micro_build_loads_like_a_released_checkpoint(built, synth_dir):
     # the suffix the warm start taught is recorded where vppo.eval and vppo.train look for it
     from vppo.data import load_prompt_suffix
 
-    assert load_prompt_suffix(out) == MICRO.prompt_suffix == saved["prompt_suffix"] == tiny.TINY_PROMPT_SUFFIX
+    assert load_prompt_suffix(out) == MICRO.prompt_suffix == saved["prompt_suffix"] == tiny.PROMPT_SUFFIX
 
     proc = AutoProcessor.from_pretrained(out, local_files_only=True)
     assert type(proc).__name__ == "Qwen2_5_VLProcessor"

@@ -39,9 +39,6 @@ VPPO_PROMPT_SUFFIX = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
     "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
 )
-# The embedded tiny default's suffix: its base model is trained from scratch and learns the answer format
-# from its warm start, so the 37 tokens of the released suffix (half of each prompt) only cost compute.
-TINY_PROMPT_SUFFIX = "Answer in \\boxed{}."
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -71,9 +68,7 @@ class DataConfig:
     problem_key: str = _f("problem", "column with the problem text (with <image> placeholders)")
     answer_key: str = _f("answer", "column with the ground-truth answer")
     image_key: str = _f("images", "column with the images")
-    prompt_suffix: str = _f(
-        TINY_PROMPT_SUFFIX, "appended after the problem text (the 7B configs: the released VPPO suffix)"
-    )
+    prompt_suffix: str = _f(VPPO_PROMPT_SUFFIX, "appended after the problem text")
     min_pixels: int = _f(3136, "processor min_pixels (released: 200704 = 256*28*28)")
     max_pixels: int = _f(50176, "processor max_pixels (released: 1003520 = 1280*28*28)")
     max_prompt_len: int = _f(512, "prompt tokens after image expansion; longer prompts are dropped")
@@ -138,8 +133,8 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(1, "passes over the training set (ignored when total_steps is set)")
-    total_steps: int | None = _f(80, "training steps (rollout batches); null = derived from epochs")
-    global_batch: int = _f(16, "prompts per optimizer step (mini-batch); trajectories = global_batch * n")
+    total_steps: int | None = _f(100, "training steps (rollout batches); null = derived from epochs")
+    global_batch: int = _f(8, "prompts per optimizer step (mini-batch); trajectories = global_batch * n")
     micro_batch: int = _f(32, "trajectories per rank per update forward/backward")
     logprob_micro_batch: int = _f(64, "trajectories per rank per no-grad log-prob / dependency pass")
     ppo_epochs: int = _f(1, "passes over each rollout batch")
@@ -156,11 +151,13 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     output_dir: str = _f("runs/tiny", "run folder: resolved config, metrics, logs, checkpoints")
-    save_every: int = _f(40, "checkpoint every N steps; 0 = only at the end")
+    save_every: int = _f(50, "checkpoint every N steps; 0 = only at the end")
     keep_last: int = _f(2, "checkpoints kept (older ones deleted after a new one is complete)")
     resume: str = _f("auto", "auto (newest complete checkpoint in output_dir) | never | a checkpoint path")
-    log_every: int = _f(1, "log metrics every N steps")
-    val_every: int = _f(20, "validate every N steps; 0 = off")
+    plot_every: int = _f(
+        10, "redraw curves.png every N steps (and at the last); metrics.jsonl gets every step"
+    )
+    val_every: int = _f(25, "validate every N steps; 0 = off")
     val_samples: int = _f(128, "validation problems (0 = all)")
     watchdog_seconds: float = _f(1800.0, "dump all stacks when a phase runs longer than this; 0 = off")
     export_hf: bool = _f(True, "export the final policy in Hugging Face format")
@@ -496,7 +493,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
 
     _check(u.keep_last >= 1, "run.keep_last", "must be >= 1", u.keep_last)
-    _check(u.log_every >= 1, "run.log_every", "must be >= 1", u.log_every)
+    _check(u.plot_every >= 1, "run.plot_every", "must be >= 1", u.plot_every)
     _check(u.watchdog_seconds >= 0, "run.watchdog_seconds", "must be >= 0", u.watchdog_seconds)
     _check(bool(u.output_dir.strip()), "run.output_dir", "must not be empty", u.output_dir)
     if u.resume not in ("auto", "never"):

@@ -21,6 +21,10 @@ grading. What makes a number reproducible:
   cached responses), so a killed run resumes without regenerating; `OUT/manifest.json` records model
   and data hashes, prompt template, sampling parameters, seed, grader version and package versions.
 
+The prompt is the problem text followed by a suffix: `--prompt-suffix`, else the one a model folder
+records in vppo_prompt.json (written by vppo.tiny and by the training export), else the released VPPO
+suffix.
+
 Outputs in OUT: results.md (tables, beside the paper's numbers when the model is Qwen2.5-VL-7B or
 VPPO-7B), samples.json (every response, its extracted answer and grade), manifest.json.
 """

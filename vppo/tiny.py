@@ -26,6 +26,11 @@ some questions hard, so groups of sampled answers get mixed rewards. The val acc
 stopped the run, so slightly optimistic), the test accuracy and the text-only baseline go to
 warm_start.json.
 
+The warm start stops at the low end of the band (accept 0.2-0.3): a short build, and RL then works on
+visual skills the model is still acquiring (colour of one of several shapes, bar heights, counts). The
+prompt suffix of the chat format (`TinyConfig.prompt_suffix`, the released VPPO suffix by default) is
+recorded beside the weights (vppo.data.PROMPT_FILE), where vppo.eval and vppo.train look for it.
+
 The build is cached under vppo.paths (a folder named by the hash of TinyConfig, the synthetic set's
 config and the code versions) and rebuilt when any of those change: `ensure_tiny_model()`.
 """
@@ -46,8 +51,8 @@ from pathlib import Path
 import torch
 
 from vppo import paths
-from vppo.config import TINY_PROMPT_SUFFIX
 from vppo.data import (
+    PROMPT_SUFFIX,
     Problem,
     build_messages,
     encode_prompts,
@@ -139,7 +144,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return tok
 
 
-def _corpus(problems: Sequence[Problem], suffix: str | None = TINY_PROMPT_SUFFIX) -> list[str]:
+def _corpus(problems: Sequence[Problem], suffix: str | None = PROMPT_SUFFIX) -> list[str]:
     """The texts the model will read: rendered prompts (chat template, suffix) and responses."""
     import jinja2
 
@@ -202,7 +207,7 @@ class TinyConfig:
     band: tuple[float, float] = (0.2, 0.6)
     max_new_tokens: int = 32
     time_budget_s: float = 1200.0  # warm start gives up (and says so) past this
-    prompt_suffix: str | None = TINY_PROMPT_SUFFIX  # ends the chat prompt (the run's data.prompt_suffix)
+    prompt_suffix: str | None = PROMPT_SUFFIX  # ends the chat prompt (a run's data.prompt_suffix)
 
     def __post_init__(self):
         if not (0 < self.band[0] <= self.stop_low <= self.stop_high <= self.band[1] < 1):
@@ -280,7 +285,7 @@ def _sft_batch(
     processor,
     pad_id: int,
     short: bool = False,
-    suffix: str | None = TINY_PROMPT_SUFFIX,
+    suffix: str | None = PROMPT_SUFFIX,
 ) -> dict:
     """Left-padded prompts (as for generation) followed by right-padded response tokens, with labels.
 
@@ -324,7 +329,7 @@ def sample_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 32,
     seed: int = 0,
-    suffix: str | None = TINY_PROMPT_SUFFIX,
+    suffix: str | None = PROMPT_SUFFIX,
 ) -> list[float]:
     """One answer per problem sampled at temperature 1.0 (top_p 1, no top_k), graded 0/1 (mathruler)."""
     was_training = model.training

@@ -877,7 +877,7 @@ def train(cfg: Config) -> dict:
         if "val_accuracy" in rec:
             post["val"] = f"{rec['val_accuracy']:.3f}"
         bar.set_postfix(post)
-        if step % cfg.run.log_every == 0 or step == run.total_steps:
+        if step % cfg.run.plot_every == 0 or step == run.total_steps:  # a redraw costs ~0.5 s on a CPU
             run.metrics.plot()
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == run.total_steps:
             with run.timer.phase("checkpoint"):
