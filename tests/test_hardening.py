@@ -426,6 +426,10 @@ def _check_export(assets, out: Path):
     model_dir, synth = assets
     exp = out / "export"
     assert (exp / "config.json").is_file() and not exp.with_name("export.tmp").exists()
+    from vppo.config import Config
+    from vppo.data import load_prompt_suffix
+
+    assert load_prompt_suffix(exp) == Config().data.prompt_suffix  # what vppo.eval will ask with
     proc = AutoProcessor.from_pretrained(exp, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(
         exp, local_files_only=True, dtype=torch.float32

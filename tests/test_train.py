@@ -130,6 +130,23 @@ def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets,
         train_setup(assets, tmp_path / "l", f"data.max_prompt_len={bound}")
 
 
+def test_a_suffix_other_than_the_one_the_model_learned_is_warned_about(assets, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from vppo.data import save_prompt_suffix
+
+    model = tmp_path / "model"
+    shutil.copytree(assets[0], model)
+    save_prompt_suffix(model, "Answer in a box.")
+    with caplog.at_level(logging.WARNING, logger="vppo.train"):
+        train_setup((model, assets[1]), tmp_path / "same", "data.prompt_suffix=Answer in a box.")
+    assert "differs from the suffix" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="vppo.train"):
+        train_setup((model, assets[1]), tmp_path / "other")
+    assert "differs from the suffix" in caplog.text and "Answer in a box." in caplog.text
+
+
 def test_grpo_with_a_reference_policy_starts_at_zero_kl(assets, tmp_path):
     from vppo.train import prepare, update
 
