@@ -365,6 +365,14 @@ def _by_task(problems: Sequence[Problem], scores: Sequence[float]) -> dict[str, 
     return out
 
 
+def _measure(model, processor, problems: Sequence[Problem], cfg: TinyConfig, seed: int) -> dict[str, float]:
+    """Per-task and overall accuracy of one sampled answer per problem, prompted as `cfg` trains."""
+    scores = sample_accuracy(
+        model, processor, problems, max_new_tokens=cfg.max_new_tokens, seed=seed, suffix=cfg.prompt_suffix
+    )
+    return _by_task(problems, scores)
+
+
 def warm_start(model, processor, train: Sequence[Problem], val: Sequence[Problem], cfg: TinyConfig) -> dict:
     """Supervised warm start until sampled val accuracy lands in `cfg.accept`; returns a log."""
     tok = processor.tokenizer
@@ -407,10 +415,7 @@ def warm_start(model, processor, train: Sequence[Problem], val: Sequence[Problem
         step += 1
         if step % every:
             continue
-        probe_scores = sample_accuracy(
-            model, processor, probe, max_new_tokens=cfg.max_new_tokens, seed=step, suffix=cfg.prompt_suffix
-        )
-        per_task = _by_task(probe, probe_scores)
+        per_task = _measure(model, processor, probe, cfg, seed=step)
         acc = per_task["all"]
         history.append(
             {
@@ -423,17 +428,7 @@ def warm_start(model, processor, train: Sequence[Problem], val: Sequence[Problem
         )
         logger.info("warm start step %d loss %.3f probe acc %s", step, loss.item(), history[-1]["probe_acc"])
         if cfg.stop_low <= acc <= cfg.stop_high:  # confirm on all of val with fresh samples
-            result = _by_task(
-                val,
-                sample_accuracy(
-                    model,
-                    processor,
-                    val,
-                    max_new_tokens=cfg.max_new_tokens,
-                    seed=10_000 + step,
-                    suffix=cfg.prompt_suffix,
-                ),
-            )
+            result = _measure(model, processor, val, cfg, seed=10_000 + step)
             history[-1]["val_acc"] = round(result["all"], 4)
             if cfg.accept[0] <= result["all"] <= cfg.accept[1]:
                 break
@@ -446,12 +441,7 @@ def warm_start(model, processor, train: Sequence[Problem], val: Sequence[Problem
         saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), step)
     seconds = time.perf_counter() - t0
     if result is None:  # out of steps or time: report where it stands
-        result = _by_task(
-            val,
-            sample_accuracy(
-                model, processor, val, max_new_tokens=cfg.max_new_tokens, seed=1, suffix=cfg.prompt_suffix
-            ),
-        )
+        result = _measure(model, processor, val, cfg, seed=1)
     in_band = cfg.band[0] <= result["all"] <= cfg.band[1]
     if not in_band:
         logger.warning(
@@ -505,12 +495,7 @@ def build_tiny_model(
         processor.tokenizer.padding_side = "left"
         model = build_model(cfg, tokenizer)
         log = warm_start(model, processor, train, val, cfg)
-        test_acc = _by_task(
-            test,
-            sample_accuracy(
-                model, processor, test, max_new_tokens=cfg.max_new_tokens, seed=2, suffix=cfg.prompt_suffix
-            ),
-        )
+        test_acc = _measure(model, processor, test, cfg, seed=2)
         meta = json.loads((synth_dir / "meta.json").read_text())
         info = {
             "key": tiny_key(cfg),
