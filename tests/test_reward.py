@@ -219,6 +219,31 @@ BOXED = [
     ("None", "5", F),
     ("5 or 6", "5", F),
     ("5, 6", "5", F),
+    # Unicode look-alikes (mapped to ASCII on both sides; plain mathruler scores these 0)
+    ("\u22123", "-3", T),  # U+2212 minus sign
+    ("-3", "\u22123", T),
+    ("\uff0d3", "-3", T),  # U+FF0D fullwidth hyphen-minus
+    ("-3", "\uff0d3", T),
+    ("\u20133", "-3", T),  # U+2013 en dash
+    ("-3", "\u20133", T),
+    ("\u2212\\frac{1}{2}", "-0.5", T),
+    ("\u22123", "3", F),  # the minus still counts
+    ("3", "\u22123", F),
+    ("\uff0d3", "3", F),
+    ("\uff11\uff12", "12", T),  # fullwidth digits
+    ("12", "\uff11\uff12", T),
+    ("\uff11\uff13", "12", F),
+    ("\uff22", "B", T),  # fullwidth letter (multiple choice)
+    ("B", "\uff22", T),
+    ("\uff22", "A", F),
+    ("x\uff1d5", "5", T),  # fullwidth equals sign
+    ("2 \u00d7 3", "2 \\times 3", T),  # multiplication sign
+    ("2 \\times 3", "2\u00d73", T),
+    ("2 \u00d7 3", "2 \\times 4", F),
+    ("1\u00a0000", "1000", T),  # no-break space as a thousands separator
+    ("1000", "1\u202f000", T),  # narrow no-break space
+    ("x\u2009=\u20095", "5", T),  # thin spaces
+    ("1\u00a0001", "1000", F),
 ]
 
 # Whole responses: box forms, several boxes, no box.

@@ -24,7 +24,16 @@ pinned by a golden case in tests/test_reward.py):
 - multiple choice: when the ground truth is one capital letter (optionally `(B)` or
   `\\text{B}`), answers written `B.`, `B)`, `(B)`, `B: 12`, `Option B` are the letter;
 - a trailing full stop is dropped;
-- `\\sin x` is read as `\\sin(x)` (one-character arguments of sin, cos, tan, log, ln, exp).
+- `\\sin x` is read as `\\sin(x)` (one-character arguments of sin, cos, tan, log, ln, exp);
+- Unicode look-alikes are mapped to ASCII on both sides before anything else: the minus-like
+  characters (U+2212 minus, U+FF0D fullwidth hyphen-minus, U+2013 en dash, U+2012, U+2014,
+  U+2010, U+2011, U+FE63) to `-`; `×` to `\\times` and `÷` to `\\div`; fullwidth ASCII
+  (U+FF01-U+FF5E: digits, letters, punctuation) to ASCII; non-breaking and thin spaces (U+00A0,
+  U+2009, U+202F, U+2007, U+200A, U+3000) to a space; zero-width space (U+200B) removed. This is
+  an explicit table, not NFKC (which would also turn `x²` into `x2`). Plain mathruler scores
+  `\\boxed{−3}` against `-3` as 0; here it is 1. Paper parity: only answers that mathruler
+  scores 0 because of a look-alike character can change, and only from 0 to 1 (an answer with
+  no such character is graded exactly as before; `−3` against `3` still scores 0).
 Kept as mathruler decides (documented choices, also pinned by golden cases): an unreduced
 fraction (`2/4` against `\\frac{1}{2}`) is wrong; `0.5` is not `50\\%` (the percent sign is
 dropped, so `50` is `50\\%`); ordered tuples keep their order and bracket type; an integer
@@ -113,7 +122,24 @@ _LETTER_PRED_RE = re.compile(
 _FUNC_ARG_RE = re.compile(r"\\(sin|cos|tan|cot|sec|csc|ln|log|exp)\s+([A-Za-z0-9])(?![A-Za-z0-9])")
 
 
+_LOOKALIKES = {
+    **{c: "-" for c in "\u2212\uff0d\u2013\u2012\u2014\u2010\u2011\ufe63"},
+    **{c: " " for c in "\u00a0\u2009\u202f\u2007\u200a\u3000"},
+    "\u200b": "",
+    "\u00d7": " \\times ",
+    "\u00f7": " \\div ",
+    **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F) if c != 0xFF0D},
+}
+_LOOKALIKE_TABLE = str.maketrans(_LOOKALIKES)
+
+
+def unicode_to_ascii(s: str) -> str:
+    """Unicode look-alikes a model writes (minus signs, ×, fullwidth forms, odd spaces) as ASCII."""
+    return s.translate(_LOOKALIKE_TABLE)
+
+
 def _clean(s: str) -> str:
+    s = unicode_to_ascii(s)
     s = _SPACING_RE.sub(" ", s).replace("~", " ")
     s = _FUNC_ARG_RE.sub(r"\\\1(\2)", s)  # \sin x -> \sin(x): sympy reads "sinx" as s*i*n*x
     s = _DEGREE_RE.sub("", s).strip()
