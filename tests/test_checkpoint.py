@@ -292,3 +292,89 @@ def test_deepspeed_engine_save_load_resume(tmp_path):
     for stage, line in zip((2, 3), lines):  # ZeRO-2 and ZeRO-3
         assert line.startswith(f"RESULT {stage} True"), line
         assert "engine" in line and "meta.json" in line
+
+
+def test_damaged_newest_falls_back_to_previous_and_resume_equals_uninterrupted(tmp_path, caplog):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ck = CheckpointManager(tmp_path, keep_last=2)
+    _train(model, opt, 2)
+    good = ck.save(2, model=model, optimizer=opt, state={"data_pos": 8})
+    _train(model, opt, 3)
+    want = [p.detach().clone() for p in model.parameters()]
+    bad = ck.save(5, model=model, optimizer=opt, state={"data_pos": 20})
+    meta = json.loads((bad / "meta.json").read_text())
+    assert meta["sizes"]["trainer_state.pt"] == (bad / "trainer_state.pt").stat().st_size
+    f = bad / "trainer_state.pt"
+    f.write_bytes(f.read_bytes()[:50])  # truncated
+    with pytest.raises(ValueError, match="trainer_state.pt has 50 bytes"):
+        ck.load(bad)
+    with caplog.at_level("WARNING", logger="vppo.checkpoint"):
+        assert ck.resolve_resume("auto") == good
+    assert "trainer_state.pt" in caplog.text and "falling back" in caplog.text
+    fresh = _model()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert ck.load(good, model=fresh, optimizer=opt2)["data_pos"] == 8
+    _train(fresh, opt2, 3)
+    for a, b in zip(want, fresh.parameters()):
+        assert torch.equal(a, b)
+    (good / "model.pt").unlink()
+    with pytest.raises(ValueError, match="every checkpoint .* is damaged"):
+        ck.resolve_resume("auto")
+    with pytest.raises(ValueError, match="model.pt is missing"):
+        ck.load(good)
+    # a manifest from before sizes were recorded: presence is checked
+    del meta["sizes"]
+    (bad / "meta.json").write_text(json.dumps(meta))
+    assert ck.verify(bad) is None
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+        RuntimeError("basic_ios::clear: iostream error"),
+        OSError(28, "No space left on device"),
+    ],
+)
+def test_disk_full_mid_write_says_so(tmp_path, monkeypatch, err):
+    model = _model()
+    ck = CheckpointManager(tmp_path, keep_last=1)
+    ck.save(1, model=model, state={"data_pos": 1})
+
+    def full(obj, f):
+        raise err
+
+    monkeypatch.setattr(C.torch, "save", full)
+    with pytest.raises(InsufficientSpaceError, match="disk full while writing checkpoint step-00000002") as e:
+        ck.save(2, model=model)
+    assert str(tmp_path / "checkpoints") in str(e.value) and "GiB free" in str(e.value)
+    assert e.value.errno == 28 and e.value.__cause__ is err
+    monkeypatch.undo()
+    assert _names(ck) == ["step-00000001"] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert ck.load(restore_rng=False)["data_pos"] == 1
+    monkeypatch.setattr(C.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="^other$"):  # other errors pass through unchanged
+        ck.save(3, model=model)
+
+
+def test_metrics_history_torn_last_line_dropped_corruption_elsewhere_named(tmp_path, caplog):
+    from vppo.train import Metrics
+
+    m = Metrics(tmp_path, True, False)
+    for s in (1, 2, 3):
+        m.log({"step": s, "reward": s / 10})
+    with m.path.open("a") as f:
+        f.write('{"step": 4, "rew')  # killed mid-write
+    with caplog.at_level("WARNING", logger="vppo.train"):
+        assert [r["step"] for r in m.history()] == [1, 2, 3]
+    assert "torn last line 4" in caplog.text
+    m.truncate(2)  # what a resume does
+    assert [r["step"] for r in m.history()] == [1, 2] and m.path.read_text().endswith("}\n")
+    m.log({"step": 3, "reward": 0.3})
+    assert [r["step"] for r in m.history()] == [1, 2, 3]
+    lines = m.path.read_text().splitlines()
+    lines[1] = "{garbage"
+    m.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid JSON"):
+        m.history()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -39,6 +40,7 @@ import torch
 PREFIX = "step-"
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)$")
 META = "meta.json"
+log = logging.getLogger("vppo.checkpoint")
 
 
 class InsufficientSpaceError(OSError):
@@ -112,6 +114,16 @@ def _state_bytes(obj: Any) -> int:
     return 0
 
 
+def _disk_full(e: BaseException) -> bool:
+    """torch.save on a full disk: OSError ENOSPC, or a RuntimeError from the zip writer."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in msg for k in ("unexpected pos", "iostream error", "No space left")
+    )
+
+
 def _default_barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -176,7 +188,14 @@ class CheckpointManager:
         if resume == "never":
             return None
         if resume == "auto":
-            return self.latest()
+            for p in reversed(self.list()):
+                problem = self.verify(p)
+                if problem is None:
+                    return p
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", p, problem)
+            if self.list():
+                raise ValueError(f"run.resume=auto: every checkpoint in {self.dir} is damaged (see warnings)")
+            return None
         p = Path(resume)
         if self.is_complete(p):
             return p
@@ -184,6 +203,21 @@ class CheckpointManager:
         if other is None:
             raise ValueError(f"run.resume: no complete checkpoint at {resume}")
         return other
+
+    @staticmethod
+    def verify(path: str | os.PathLike) -> str | None:
+        """None when every file meta.json lists is there with its recorded size (manifests written
+        before sizes were recorded: present), else what is wrong, naming the file."""
+        p = Path(path)
+        meta = json.loads((p / META).read_text())
+        sizes = meta.get("sizes") or dict.fromkeys(meta.get("files", []))
+        for name, size in sizes.items():
+            f = p / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if size is not None and f.stat().st_size != size:
+                return f"{f} has {f.stat().st_size} bytes, {size} recorded at save"
+        return None
 
     @staticmethod
     def step_of(path: str | os.PathLike) -> int:
@@ -264,11 +298,19 @@ class CheckpointManager:
                 if optimizer is not None:
                     _save(optimizer.state_dict(), tmp / "optimizer.pt")
                 _save({"step": step, **(state or {})}, tmp / "trainer_state.pt")
-        except BaseException:
+        except BaseException as e:
             # No barrier here: with several ranks, one failing rank leaves the others waiting in the
             # next collective; the run stops either way and the previous checkpoint is intact.
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if _disk_full(e):
+                need, free = self.expected_bytes(model, optimizer, engine), shutil.disk_usage(self.dir).free
+                raise InsufficientSpaceError(
+                    errno.ENOSPC,
+                    f"disk full while writing checkpoint {name} in {self.dir}: need about "
+                    f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free ({e}); the previous checkpoint "
+                    "is intact; free some space or lower run.keep_last",
+                ) from e
             raise
         self.barrier()
         if self.rank == 0:
@@ -284,6 +326,7 @@ class CheckpointManager:
                     "world_size": self.world_size,
                     "kind": "deepspeed" if engine is not None else "torch",
                     "files": files,
+                    "sizes": {f: (tmp / f).stat().st_size for f in files},
                     "bytes": _dir_bytes(tmp),
                 }
                 with open(tmp / META, "w") as f:
@@ -340,6 +383,9 @@ class CheckpointManager:
             raise FileNotFoundError(f"no complete checkpoint in {self.dir}")
         if not self.is_complete(path):
             raise ValueError(f"{path} is not a complete checkpoint (no {META} with complete=true)")
+        problem = self.verify(path)
+        if problem is not None:
+            raise ValueError(f"damaged checkpoint {path}: {problem}")
         if engine is not None:
             engine.load_checkpoint(str(path / "engine"), tag="state")
         if model is not None:

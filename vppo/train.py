@@ -496,7 +496,19 @@ class Metrics:
     def history(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text().splitlines()
+        out = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError as e:
+                if i == len(lines):  # a write cut short by a crash: the step is redone on resume
+                    log.warning("%s: dropping the torn last line %d (%s)", self.path, i, e)
+                    break
+                raise ValueError(f"{self.path}: line {i} is not valid JSON ({e})") from e
+        return out
 
     def truncate(self, step: int) -> None:
         """Drop records after `step` (they belong to work a resumed run redoes)."""
