@@ -321,3 +321,45 @@ def test_prompt_file_round_trip_default_and_bad_file(tmp_path):
     (tmp_path / PROMPT_FILE).write_text("[1, 2]")
     with pytest.raises(ValueError, match=PROMPT_FILE):
         load_prompt_suffix(tmp_path)
+
+
+def test_extreme_aspect_ratio_is_a_broken_row(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vppo.data import load_problems
+
+    class IP:
+        merge_size = 2
+
+        def get_number_of_image_patches(self, h, w, _):
+            if max(h, w) / min(h, w) > 200:
+                raise ValueError(
+                    f"absolute aspect ratio must be smaller than 200, got {max(h, w) / min(h, w)}"
+                )
+            return 4
+
+    class Proc:
+        image_processor = IP()
+
+        def apply_chat_template(self, *a, **k):
+            return "x"
+
+        def tokenizer(self, text, add_special_tokens=False):
+            return {"input_ids": [0]}
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, "PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    rows = [
+        {"problem": "<image>a", "answer": "1", "images": [png(4000, 2)]},
+        {"problem": "<image>b", "answer": "1", "images": [png(4, 4)]},
+    ]
+    with pytest.warns(UserWarning, match="aspect ratio"):
+        ps = load_problems(rows, processor=Proc(), max_prompt_length=100)
+    assert len(ps) == 1 and ps.stats.broken == 1
+    with pytest.raises(ValueError, match=r"rows\[0\].*aspect ratio"):
+        load_problems(rows, processor=Proc(), max_prompt_length=100, strict=True)

@@ -73,6 +73,8 @@ class Benchmark:
     layout: str  # "sharegpt" | "alpaca" | "parquet" | "synth"
     stats: LoadStats = field(default_factory=LoadStats)
     image_dir: Path | None = None
+    skipped_in_limit: int = 0  # with `limit`: rows skipped before the kept problems (a broken row 3
+    # of --limit 5 means rows 0-5 were read to keep 5)
 
     @property
     def title(self) -> str:
@@ -194,11 +196,11 @@ def sharegpt_rows(records: list[dict], entry: dict, where: str) -> list[dict]:
     cols, tags = entry.get("columns", {}), entry.get("tags", {})
     image_col = cols.get("images", "images")
     rows = []
+    if formatting == "sharegpt":
+        role, content, user, assistant = _message_tags(records, cols, tags, where)
     for i, rec in enumerate(records):
         question, label = "", ""
         if formatting == "sharegpt":
-            role, content = tags.get("role_tag", "from"), tags.get("content_tag", "value")
-            user, assistant = tags.get("user_tag", "human"), tags.get("assistant_tag", "gpt")
             msgs = rec.get(cols.get("messages", "conversations")) or []
             users = [m.get(content, "") for m in msgs if isinstance(m, dict) and m.get(role) == user]
             bots = [m.get(content, "") for m in msgs if isinstance(m, dict) and m.get(role) == assistant]
@@ -215,8 +217,31 @@ def sharegpt_rows(records: list[dict], entry: dict, where: str) -> list[dict]:
         question = _strip_suffix(str(question))
         if images and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER * len(images) + question
-        rows.append({"problem": question, "answer": unbox(str(label)), "images": images, "row": i})
+        label = unbox(label) if isinstance(label, str) else label  # load_problems counts the others
+        rows.append({"problem": question, "answer": label, "images": images, "row": i})
     return rows
+
+
+# (role, content, user, assistant) message keys: LLaMA-Factory's default and the OpenAI style.
+MESSAGE_TAGS = (("from", "value", "human", "gpt"), ("role", "content", "user", "assistant"))
+
+
+def _message_tags(records: list[dict], cols: dict, tags: dict, where: str) -> tuple[str, str, str, str]:
+    """The (role, content, user, assistant) keys of the ShareGPT messages: the entry's `tags` over
+    the MESSAGE_TAGS layout whose role and content keys the messages use. ValueError naming the
+    keys found when neither layout fits."""
+    col = cols.get("messages", "conversations")
+    found = {k for r in records for m in (r.get(col) or []) if isinstance(m, dict) for k in m}
+    names = ("role_tag", "content_tag", "user_tag", "assistant_tag")
+    if found and "role_tag" not in tags:
+        fits = [t for t in MESSAGE_TAGS if {t[0], t[1]} <= found]
+        if not fits:
+            raise ValueError(
+                f"{where}: the {col!r} messages have keys {sorted(found)}, neither from/value nor "
+                "role/content; set 'tags' (role_tag, content_tag, user_tag, assistant_tag) in the entry"
+            )
+        return tuple(tags.get(n, d) for n, d in zip(names, fits[0]))
+    return tuple(tags.get(n, d) for n, d in zip(names, MESSAGE_TAGS[0]))
 
 
 def _image_dir(rows: list[dict], candidates: list[Path]) -> Path:
@@ -312,7 +337,8 @@ def load_benchmark(name: str, data_dir: str | Path | None, *, strict: bool = Fal
     """Load one benchmark by name from `data_dir` (layouts in the module docstring).
 
     Raises ValueError naming the benchmark and what was looked for when nothing is found.
-    `limit` keeps the first `limit` problems (by row).
+    `limit` keeps the first `limit` problems (by row); `skipped_in_limit` counts the broken rows
+    passed over to reach them.
     """
     key = canonical(name)
     if limit is not None and limit <= 0:
@@ -333,8 +359,12 @@ def load_benchmark(name: str, data_dir: str | Path | None, *, strict: bool = Fal
             f"like {key!r} and for {key}.parquet or a {key}/ folder of parquet files"
             + _listing(Path(data_dir))
         )
-    if limit is not None:
+    if limit is not None and len(bench.problems) > limit:
         bench.problems = bench.problems[:limit]
+        # rows (broken, or a source without row indices) passed over to reach the limit
+        bench.skipped_in_limit = bench.problems[-1].meta["row"] + 1 - limit
+    elif limit is not None:
+        bench.skipped_in_limit = bench.stats.rows - len(bench.problems)
     if not bench.problems:
         raise ValueError(f"benchmark {bench.title}: no usable problems in {[str(f) for f in bench.files]}")
     return bench
@@ -361,6 +391,9 @@ def describe(benchmarks: list[Benchmark]) -> list[dict[str, Any]]:
             "rows_read": b.stats.rows,
             "broken": b.stats.broken,
             "first_broken": b.stats.first_broken,
+            "skipped_in_limit": b.skipped_in_limit,
+            "non_string_answers": b.stats.non_string_answers,
+            "first_non_string": b.stats.first_non_string,
             "files": [str(f) for f in b.files],
         }
         for b in benchmarks

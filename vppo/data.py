@@ -11,7 +11,8 @@ Keys are configurable. One API serves the training loop and the evaluation:
 Sources: a parquet file or a folder of them, a `datasets.save_to_disk` folder, a hub dataset name
 (`name` or `name@split`, read from the local cache only unless `allow_download=True`), or an
 in-memory list of row dicts. A broken row (missing problem or answer, an image that does not decode,
-placeholders that do not match the images) is skipped and counted, with one warning per load naming
+placeholders that do not match the images, an image the processor refuses when prompt lengths are
+checked) is skipped and counted, with one warning per load naming
 the first one; `strict=True` raises instead.
 
 The prompt follows the released recipe (vppo.md section 5): the problem text, trimmed, then a blank
@@ -92,7 +93,9 @@ class LoadStats:
     kept: int = 0
     broken: int = 0
     overlong: int = 0
+    non_string_answers: int = 0  # kept rows whose answer was not a string (converted, see _answer_text)
     first_broken: str | None = None  # the message naming the first broken row
+    first_non_string: str | None = None  # the first such row and its answer
 
 
 @dataclass
@@ -426,7 +429,7 @@ def _row_problem(
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"missing or empty {problem_key!r}")
     answer = row.get(answer_key)
-    if answer is None or not str(answer).strip():
+    if answer is None or not _answer_text(answer):
         raise ValueError(f"missing or empty {answer_key!r}")
     raw = row.get(image_key) if image_key else None
     if raw is None:
@@ -448,7 +451,15 @@ def _row_problem(
     if id_key and row.get(id_key) is not None:
         uid = f"{uid} ({id_key}={row[id_key]})"
     meta = {k: v for k, v in row.items() if k not in (problem_key, answer_key, image_key)}
-    return Problem(uid, text, str(answer).strip(), tuple(sources), tuple(sizes), meta)
+    return Problem(uid, text, _answer_text(answer), tuple(sources), tuple(sizes), meta)
+
+
+def _answer_text(answer: Any) -> str:
+    """The answer as text: a string stripped, an integral float as an integer (3.0 -> "3"), anything
+    else by str() ([1, 2] -> "[1, 2]"). load_problems() counts the non-string ones in its stats."""
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer).strip()
 
 
 def load_problems(
@@ -521,6 +532,11 @@ def load_problems(
                     image_dir,
                     check_images == "full",
                 )
+                if max_prompt_length is not None:
+                    try:
+                        n_tokens = prompt_length(p, processor, suffix)
+                    except ValueError as e:  # e.g. an aspect ratio the image processor refuses
+                        raise ValueError(f"the processor rejects its images ({e})") from e
             except ValueError as e:
                 rid = f"{name}[{index}]" + (f" ({id_key}={row.get(id_key)})" if id_key else "")
                 msg = f"broken row {rid}: {e}"
@@ -529,9 +545,12 @@ def load_problems(
                 stats.broken += 1
                 stats.first_broken = stats.first_broken or msg
                 continue
-            if max_prompt_length is not None and prompt_length(p, processor, suffix) > max_prompt_length:
+            if max_prompt_length is not None and n_tokens > max_prompt_length:
                 stats.overlong += 1
                 continue
+            if not isinstance(row.get(answer_key), str):
+                stats.non_string_answers += 1
+                stats.first_non_string = stats.first_non_string or f"{p.uid}: {row.get(answer_key)!r}"
             problems.append(p)
             if limit is not None and len(problems) >= limit:
                 break
@@ -543,6 +562,12 @@ def load_problems(
             f"skipped {stats.broken} broken row(s) of {stats.rows} in {name}; "
             f"the first: {stats.first_broken}",
             BrokenRowWarning,
+            stacklevel=2,
+        )
+    if stats.non_string_answers:
+        warnings.warn(
+            f"{stats.non_string_answers} answer(s) in {name} are not strings and were converted to text "
+            f"(integral floats as integers, others by str()); the first: {stats.first_non_string}",
             stacklevel=2,
         )
     if stats.overlong:

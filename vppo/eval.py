@@ -839,6 +839,9 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     mean, se, averaged = _avg(summary)
     label = Path(model_path).name
     report = markdown_report(summary, label, paper_model(model_path))
+    skipped = [f"{b.title}: {b.skipped_in_limit}" for b in benches if b.skipped_in_limit]
+    if args.limit is not None and skipped:
+        report += f"\n--limit {args.limit}: broken rows skipped to reach it ({', '.join(skipped)}).\n"
     manifest["results"] = {"benchmarks": summary, "avg": {"accuracy": mean, "stderr": se, "over": averaged}}
     manifest["wall_seconds"] = round(time.time() - t0, 1)
     (out / "results.md").write_text(report)
