@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from vppo import eval as ev
+from vppo import evaluate, provenance, report
 from vppo.benchmarks import PAPER_BENCHMARKS, load_benchmark
-from vppo.data import Problem
+from vppo.data import PROMPT_SUFFIX, Problem
 from vppo.rollout import GenSettings
 
 SUFFIX = (
@@ -166,7 +167,7 @@ def test_seeded_sampler_follows_the_warped_distribution():
     target[keep[:n_keep]] = p[keep[:n_keep]] / p[keep[:n_keep]].sum()
 
     n = 4000
-    sampler = ev.SeededSampler(list(range(n)), gen)
+    sampler = evaluate.SeededSampler(list(range(n)), gen)
     out = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, 7).clone())
     assert torch.isfinite(out).sum(-1).eq(1).all()  # one token per row, 0 there and -inf elsewhere
     tok = out.argmax(-1)
@@ -178,7 +179,7 @@ def test_seeded_sampler_follows_the_warped_distribution():
 def test_seeded_sampler_rows_do_not_depend_on_their_batch():
     torch.manual_seed(2)
     gen = GenSettings(temperature=1.0, top_p=1.0, top_k=0)
-    alone, batched = ev.SeededSampler([42], gen), ev.SeededSampler([1, 2, 42, 3], gen)
+    alone, batched = evaluate.SeededSampler([42], gen), evaluate.SeededSampler([1, 2, 42, 3], gen)
     for _ in range(20):
         logits = torch.randn(4, 50)
         a = alone(None, logits[2:3].clone()).argmax(-1)
@@ -187,24 +188,24 @@ def test_seeded_sampler_rows_do_not_depend_on_their_batch():
     with pytest.raises(ValueError, match="generators"):
         alone(None, torch.randn(2, 50))
     with pytest.raises(ValueError, match="temperature"):
-        ev.SeededSampler([0], GenSettings(temperature=0.0))
+        evaluate.SeededSampler([0], GenSettings(temperature=0.0))
 
 
 def test_seeds_depend_on_seed_benchmark_and_row_only():
-    s = ev.problem_seed(0, "geo3k", 3)
-    assert s == ev.problem_seed(0, "geo3k", 3)
+    s = evaluate.problem_seed(0, "geo3k", 3)
+    assert s == evaluate.problem_seed(0, "geo3k", 3)
     assert (
         len(
             {
                 s,
-                ev.problem_seed(1, "geo3k", 3),
-                ev.problem_seed(0, "wemath", 3),
-                ev.problem_seed(0, "geo3k", 4),
+                evaluate.problem_seed(1, "geo3k", 3),
+                evaluate.problem_seed(0, "wemath", 3),
+                evaluate.problem_seed(0, "geo3k", 4),
             }
         )
         == 4
     )
-    assert ev.sample_seeds(s, 8)[:2] == ev.sample_seeds(s, 2)
+    assert evaluate.sample_seeds(s, 8)[:2] == evaluate.sample_seeds(s, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_avg_at_n_grades_equivalent_answers_and_missing_boxes():
         seen.append(([p.uid for p in batch], seeds))
         return [r for p in batch for r in script[p.uid]]
 
-    res = ev.evaluate_problems(
+    res = evaluate.evaluate_problems(
         None, None, problems, samples=4, batch_size=2, benchmark="t", seed=3, sample_fn=sample_fn
     )
     s0 = [s["score"] for s in res.results[0].samples]
@@ -248,22 +249,22 @@ def test_avg_at_n_grades_equivalent_answers_and_missing_boxes():
     assert res.grader["grader/no_box"] == 4 and res.results[2].samples[2]["extracted"] == ""
     # seeds come from the row index in meta, not the position; batches of 2 problems
     assert [u for u, _ in seen] == [["p0", "p1"], ["p2"]]
-    assert seen[0][1][1] == ev.sample_seeds(ev.problem_seed(3, "t", 5), 4)
+    assert seen[0][1][1] == evaluate.sample_seeds(evaluate.problem_seed(3, "t", 5), 4)
     assert res.grader.get("grader/n") == 12
 
 
 def test_mean_and_stderr():
-    assert ev.mean_and_stderr([1.0]) == (1.0, 0.0)
-    m, se = ev.mean_and_stderr([0.0, 1.0, 1.0, 0.5])
+    assert evaluate.mean_and_stderr([1.0]) == (1.0, 0.0)
+    m, se = evaluate.mean_and_stderr([0.0, 1.0, 1.0, 0.5])
     assert m == pytest.approx(0.625) and se == pytest.approx(np.std([0, 1, 1, 0.5], ddof=1) / 2)
     with pytest.raises(ValueError):
-        ev.mean_and_stderr([])
+        evaluate.mean_and_stderr([])
 
 
 def test_report_sits_beside_the_paper_numbers():
-    assert ev.paper_model("/models/Qwen2.5-VL-7B-Instruct") == "Qwen2.5-VL-7B"
-    assert ev.paper_model("ckpts/VPPO-7B") == "VPPO-7B"
-    assert ev.paper_model("runs/tiny/export") is None
+    assert report.paper_model("/models/Qwen2.5-VL-7B-Instruct") == "Qwen2.5-VL-7B"
+    assert report.paper_model("ckpts/VPPO-7B") == "VPPO-7B"
+    assert report.paper_model("runs/tiny/export") is None
     summary = {
         k: {
             "accuracy": 0.5,
@@ -275,7 +276,7 @@ def test_report_sits_beside_the_paper_numbers():
         }
         for k in (*PAPER_BENCHMARKS, "synth")
     }
-    md = ev.markdown_report(summary, "Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B")
+    md = report.markdown_report(summary, "Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B")
     lines = md.splitlines()
     ours = next(ln for ln in lines if ln.startswith("| Qwen2.5-VL-7B-Instruct |"))
     paper = next(ln for ln in lines if ln.startswith("| Qwen2.5-VL-7B (paper"))
@@ -284,7 +285,9 @@ def test_report_sits_beside_the_paper_numbers():
         "| Qwen2.5-VL-7B (paper, Table 1) | 39.0 | 55.7 | 42.5 | 37.1 | 18.4 | 46.4 | 42.4 | 25.1 |"
     )
     assert paper.endswith("| 38.3 |")
-    sub = ev.markdown_report({"geo3k": summary["geo3k"], "mathverse": summary["mathverse"]}, "x", "VPPO-7B")
+    sub = report.markdown_report(
+        {"geo3k": summary["geo3k"], "mathverse": summary["mathverse"]}, "x", "VPPO-7B"
+    )
     assert "| 71.6 | 46.5 | 59.0 |" in sub and "2 paper benchmarks" in sub
 
 
@@ -300,13 +303,13 @@ def test_cli_asks_with_the_suffix_the_model_folder_records(micro, data_dir, tmp_
     model = tmp_path / "tiny-like"
     shutil.copytree(micro, model)
     save_prompt_suffix(model, "Answer in \\boxed{}.")
-    real, seen = ev.encode_prompts, []
+    real, seen = evaluate.encode_prompts, []
 
-    def encode(problems, processor, suffix=ev.PROMPT_SUFFIX, **kw):  # what generation is given
+    def encode(problems, processor, suffix=PROMPT_SUFFIX, **kw):  # what generation is given
         seen.append(suffix)
         return real(problems, processor, suffix, **kw)
 
-    monkeypatch.setattr(ev, "encode_prompts", encode)
+    monkeypatch.setattr(evaluate, "encode_prompts", encode)
     for name, extra, want in (
         ("recorded", (), "Answer in \\boxed{}."),
         ("explicit", ("--prompt-suffix", ""), ""),
@@ -376,7 +379,7 @@ def test_same_seed_twice_gives_identical_scores_and_batching_does_not_matter(mic
 
 
 def test_killed_evaluation_resumes_without_regenerating(micro, loaded, data_dir, tmp_path):
-    inner = ev.rollout_sampler(*loaded, GenSettings(1.0, 1.0, 50, 5))
+    inner = evaluate.rollout_sampler(*loaded, GenSettings(1.0, 1.0, 50, 5))
     calls = []
 
     def counting(batch, seeds):
@@ -458,11 +461,11 @@ def test_sigkilled_subprocess_resumes(micro, loaded, tmp_path):
 
     calls = []
     gen = GenSettings(1.0, 1.0, 50, 16)
-    resumed = ev.main(argv, sample_fn=_count(ev.rollout_sampler(*loaded, gen), calls))
+    resumed = ev.main(argv, sample_fn=_count(evaluate.rollout_sampler(*loaded, gen), calls))
     assert sum(len(c) for c in calls) == n - n_cached
     # The same problems in one uninterrupted batch, through the shared function.
     problems = load_benchmark("mmk12", data).problems
-    whole = ev.evaluate_problems(
+    whole = evaluate.evaluate_problems(
         *loaded, problems, samples=2, gen=gen, seed=0, benchmark="mmk12", batch_size=n
     )
     assert _responses(out)["mmk12"] == [[s["response"] for s in r.samples] for r in whole.results]
@@ -474,7 +477,7 @@ def test_checkpoint_generation_defaults_are_not_applied(loaded, data_dir):
     carries top_k=1, 1.05): sampling must follow the evaluation's settings, so responses differ."""
     model, proc = loaded
     probs = load_benchmark("geo3k", data_dir).problems[:1]
-    texts = ev.rollout_sampler(model, proc, GenSettings(1.0, 1.0, 0, 6))(probs, [list(range(6))])
+    texts = evaluate.rollout_sampler(model, proc, GenSettings(1.0, 1.0, 0, 6))(probs, [list(range(6))])
     assert len(set(texts)) > 1  # top_k=1 from the checkpoint would make all six identical
 
 
@@ -489,15 +492,15 @@ def test_validation_api_on_loaded_problems(loaded):
     problems = load_problems(rows)
     model, proc = loaded
     gen = GenSettings(1.0, 1.0, 50, 4)
-    a = ev.evaluate_problems(model, proc, problems, samples=2, gen=gen, seed=7, batch_size=3)
-    b = ev.evaluate_problems(model, proc, problems, samples=2, gen=gen, seed=7, batch_size=2)
+    a = evaluate.evaluate_problems(model, proc, problems, samples=2, gen=gen, seed=7, batch_size=3)
+    b = evaluate.evaluate_problems(model, proc, problems, samples=2, gen=gen, seed=7, batch_size=2)
     assert [r.samples for r in a.results] == [r.samples for r in b.results]
     assert a.accuracy == b.accuracy and 0.0 <= a.accuracy <= 1.0 and a.generated == 3
     assert [r.index for r in a.results] == [0, 1, 2]
     with pytest.raises(ValueError, match="samples"):
-        ev.evaluate_problems(model, proc, problems, samples=0)
+        evaluate.evaluate_problems(model, proc, problems, samples=0)
     with pytest.raises(ValueError, match="problems"):
-        ev.evaluate_problems(model, proc, [], samples=1)
+        evaluate.evaluate_problems(model, proc, [], samples=1)
 
 
 def test_cli_rejects_bad_arguments_before_loading(micro, data_dir, tmp_path):
@@ -519,15 +522,15 @@ def test_model_hashes_are_memoised_and_track_changes(tmp_path, monkeypatch):
     (model / "model.safetensors").write_bytes(b"\x00" * 100)
     (model / "notes.md").write_text("not hashed")
     memo = tmp_path / "memo.json"
-    first = ev.model_hashes(model, memo)
+    first = provenance.model_hashes(model, memo)
     assert set(first["files"]) == {"config.json", "model.safetensors"}
     assert first["files"]["model.safetensors"] == hashlib.sha256(b"\x00" * 100).hexdigest()
     hashed = []
-    real = ev._sha256_file
-    monkeypatch.setattr(ev, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
-    assert ev.model_hashes(model, memo) == first and hashed == []  # nothing re-read
+    real = provenance.sha256_file
+    monkeypatch.setattr(provenance, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert provenance.model_hashes(model, memo) == first and hashed == []  # nothing re-read
     (model / "model.safetensors").write_bytes(b"\x01" * 101)
-    changed = ev.model_hashes(model, memo)
+    changed = provenance.model_hashes(model, memo)
     assert hashed == ["model.safetensors"] and changed["combined"] != first["combined"]
 
 
@@ -536,15 +539,17 @@ def test_math_verify_agreement_is_reported():
         return {"response": response, "extracted": None, "score": score}
 
     results = [
-        ev.ProblemResult(0, "a", "0.5", 1, [sample("\\boxed{\\frac{1}{2}}", 1.0), sample("no answer", 0.0)]),
-        ev.ProblemResult(1, "b", "3", 2, [sample("\\boxed{3}", 1.0), sample("\\boxed{4}", 0.0)]),
+        evaluate.ProblemResult(
+            0, "a", "0.5", 1, [sample("\\boxed{\\frac{1}{2}}", 1.0), sample("no answer", 0.0)]
+        ),
+        evaluate.ProblemResult(1, "b", "3", 2, [sample("\\boxed{3}", 1.0), sample("\\boxed{4}", 0.0)]),
     ]
-    a = ev.grader_agreement(results)
+    a = evaluate.grader_agreement(results)
     # Both graders take 1/2 for 0.5 and 3 for 3, and neither credits "no answer" or 4.
     assert (a["n"], a["agree"], a["both_correct"], a["rate"]) == (4, 4, 2, 1.0)
     summary = {"geo3k": {"accuracy": 0.5, "stderr": 0.1, "samples": 2, "problems": 2, "no_box_rate": 0.25,
                          "generated": 2, "math_verify_agreement": a}}  # fmt: skip
-    assert f"agree on {a['agree']}/4" in ev.markdown_report(summary, "m", None)
+    assert f"agree on {a['agree']}/4" in report.markdown_report(summary, "m", None)
 
 
 def test_model_tiny_resolves_through_vppo_tiny(monkeypatch, tmp_path):
@@ -557,17 +562,17 @@ def test_model_tiny_resolves_through_vppo_tiny(monkeypatch, tmp_path):
 def test_cache_regrades_instead_of_regenerating_when_only_the_grader_changed(tmp_path):
     key = {"model": "m", "seed": 0}
     path = tmp_path / "c.jsonl"
-    cache = ev.ProblemCache(path, key, grader={"v": 1})
+    cache = evaluate.ProblemCache(path, key, grader={"v": 1})
     stale = [{"response": "so \\boxed{0.5}", "extracted": "0.5", "score": 0.0}]  # graded wrong by "v1"
-    cache.add(ev.ProblemResult(3, "b[3]", "\\frac{1}{2}", 9, stale))
-    same = ev.ProblemCache(path, key, grader={"v": 1})
+    cache.add(evaluate.ProblemResult(3, "b[3]", "\\frac{1}{2}", 9, stale))
+    same = evaluate.ProblemCache(path, key, grader={"v": 1})
     assert same.regraded == 0 and same.done[3].samples[0]["score"] == 0.0
-    fixed = ev.ProblemCache(path, key, grader={"v": 2})
+    fixed = evaluate.ProblemCache(path, key, grader={"v": 2})
     assert fixed.regraded == 1 and fixed.done[3].samples[0]["score"] == 1.0
-    again = ev.ProblemCache(path, key, grader={"v": 2})
+    again = evaluate.ProblemCache(path, key, grader={"v": 2})
     assert again.regraded == 0 and again.done[3].samples[0]["score"] == 1.0  # rewritten on disk
     with pytest.raises(ValueError, match="differing: seed"):
-        ev.ProblemCache(path, {"model": "m", "seed": 1}, grader={"v": 2})
+        evaluate.ProblemCache(path, {"model": "m", "seed": 1}, grader={"v": 2})
 
 
 def test_eval_processor_uses_the_recipe_bounds_for_stock_processors(tmp_path):

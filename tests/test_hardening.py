@@ -287,8 +287,8 @@ def test_generated_masks_cover_generated_tokens_eos_included_padding_excluded(as
     from transformers import AutoModelForImageTextToText
 
     from vppo.data import encode_prompts, load_problems, load_processor, vision_token_ids
-    from vppo.eval import eos_ids_of
     from vppo.rollout import GenSettings, generate, model_inputs
+    from vppo.tokens import eos_ids_of
 
     model_dir, synth = assets
     proc = load_processor(model_dir)
@@ -421,7 +421,7 @@ def _check_export(assets, out: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vppo.data import encode_prompts, load_problems, load_processor
-    from vppo.eval import eos_ids_of
+    from vppo.tokens import eos_ids_of
 
     model_dir, synth = assets
     exp = out / "export"

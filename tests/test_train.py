@@ -94,7 +94,7 @@ def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
 
 
 def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets, tmp_path, monkeypatch):
-    import vppo.eval
+    import vppo.evaluate
     from vppo.data import PROMPT_SUFFIX
     from vppo.train import prepare, validate
 
@@ -107,13 +107,13 @@ def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets,
     prompt = tok.decode(ub.ro.input_ids[0, : ub.ro.prompt_len])
     assert suffix in prompt and PROMPT_SUFFIX not in prompt
     seen = []
-    real = vppo.eval.encode_prompts
+    real = vppo.evaluate.encode_prompts
 
     def spy(problems, processor, suffix=PROMPT_SUFFIX, **kw):
         seen.append(suffix)
         return real(problems, processor, suffix, **kw)
 
-    monkeypatch.setattr(vppo.eval, "encode_prompts", spy)
+    monkeypatch.setattr(vppo.evaluate, "encode_prompts", spy)
     validate(run)
     assert seen and set(seen) == {suffix}
     # the overlong filter measures prompts with the configured suffix: a bound that every prompt
