@@ -20,7 +20,7 @@ from vppo.data import (
     vision_token_ids,
 )
 
-# Written out independently of vppo/data.py: the released recipe's suffix (vppo.md section 5).
+# Written out independently of vppo/data.py: the released recipe's suffix (docs/algorithm.md section 5).
 SUFFIX = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
     "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."

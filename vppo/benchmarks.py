@@ -1,4 +1,4 @@
-"""The evaluation benchmarks of the paper (vppo.md section 6), loaded from local files.
+"""The evaluation benchmarks of the paper (docs/algorithm.md section 6), loaded from local files.
 
     names = resolve_names("all")                     # the eight paper benchmarks, Table 1 order
     bench = load_benchmark("geo3k", "data/eval")     # -> Benchmark(name, problems, files, ...)
@@ -49,7 +49,7 @@ PAPER_BENCHMARKS = tuple(k for k in TITLES if k != "synth")
 # Other names of a benchmark (normalised form -> key), e.g. the hub's hiyouga/geometry3k.
 ALIASES = {"geometry3k": "geo3k"}
 
-# avg@8 (%) from the paper's Table 1 (vppo.md section 6).
+# avg@8 (%) from the paper's Table 1 (docs/algorithm.md section 6).
 PAPER_RESULTS = {
     "Qwen2.5-VL-7B": {
         "mathverse": 39.0, "dynamath": 55.7, "mmk12": 42.5, "geo3k": 37.1,

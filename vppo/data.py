@@ -15,7 +15,7 @@ placeholders that do not match the images, an image the processor refuses when p
 checked) is skipped and counted, with one warning per load naming
 the first one; `strict=True` raises instead.
 
-The prompt follows the released recipe (vppo.md section 5): the problem text, trimmed, then a blank
+The prompt follows the released recipe (docs/algorithm.md section 5): the problem text, trimmed, then a blank
 line and PROMPT_SUFFIX (the `math_perception` format prompt of the EasyR1 / PAPO code VPPO builds on),
 split at the placeholders into the Qwen2.5-VL chat content list. The chat template adds its default
 system message, as in the released training code.
@@ -46,11 +46,11 @@ PROMPT_SUFFIX = VPPO_PROMPT_SUFFIX  # one copy of the released prompt suffix (vp
 # Written beside a model the project trained (the tiny base, a training export): the suffix its prompts
 # used, so evaluation asks the question the way the model learned it.
 PROMPT_FILE = "vppo_prompt.json"
-# Released recipe (vppo.md section 5): 256 and 1280 merged 28x28 cells.
+# Released recipe (docs/algorithm.md section 5): 256 and 1280 merged 28x28 cells.
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 # Special tokens a policy must never sample: fed back for scoring, an <|image_pad|> inside a response
-# counts as an image slot and the forward fails (training-notes.md).
+# counts as an image slot and the forward fails (docs/traps.md section 2).
 VISION_SPECIAL_TOKENS = (
     "<|vision_start|>",
     "<|vision_end|>",

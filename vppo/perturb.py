@@ -1,4 +1,4 @@
-"""Image perturbations for the token visual dependency (vppo.md section 1).
+"""Image perturbations for the token visual dependency (docs/algorithm.md section 1).
 
 The perturbed pass must see a different image on exactly the same token sequence: the same
 image grid, so the same number of image tokens and the same 3-D rotary positions. We therefore
