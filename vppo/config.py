@@ -5,7 +5,9 @@
     save_resolved(cfg, run_dir)              # run_dir/config.yaml, loadable with load_config
 
 Everything is checked here, before any model is loaded: unknown keys (with the closest valid
-name), value types, ranges, choices, and the divisibility of the batch sizes. The defaults are
+name), value types, ranges, choices, and the divisibility of the batch sizes; YAML syntax errors
+name file:line:column. Whether the data and model sources exist is checked by check_sources, which
+the command line (config_from_args) runs and load_config does not. The defaults are
 the embedded tiny CPU run (configs/tiny.yaml is the same values written out); `model.path` and
 `data.train` / `data.val` left at None mean "the tiny base / the synthetic set", filled in by the
 training loop.
@@ -24,6 +26,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -336,6 +339,26 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def _read_yaml(p: Path, name: str) -> Any:
+    """The parsed YAML document of file p; a syntax error is a one-line ValueError
+    `name:LINE:COLUMN: invalid YAML: <problem>` (1-based, as editors count) instead of PyYAML's
+    multi-line message about `<unicode string>`."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context:
+            problem += f" ({context}" + (f" from line {cmark.line + 1}" if cmark is not None else "") + ")"
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -352,7 +375,7 @@ def load_config(
         p = resolve_path(str(path))  # configs/x.yaml also works from outside the repository
         if not p.is_file():
             raise ValueError(f"config file not found: {path}")
-        doc = yaml.safe_load(p.read_text()) or {}
+        doc = _read_yaml(p, str(path)) or {}
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
         for sec, val in doc.items():
@@ -505,6 +528,139 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     _ = m  # model fields are fully checked by their types
     batch_numbers(cfg, world_size)
+
+
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # `name` or `org/name`, as on the Hugging Face hub
+
+
+def _looks_local(value: str) -> bool:
+    """A value meant as a path: a data file suffix, a leading `.` `/` `~`, or more than one `/`."""
+    return (
+        value.endswith((".parquet", ".json", ".jsonl"))
+        or value.startswith((".", "/", "~"))
+        or value.count("/") > 1
+    )
+
+
+def _hf_home() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser()
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub resolves it (read from the environment now)."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    return Path(env).expanduser() if env else _hf_home() / "hub"
+
+
+def _model_cached(repo_id: str) -> bool | None:
+    """Whether model repo_id is in the local hub cache; None when that cannot be told."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache()), str)
+    except Exception:  # an id the hub library refuses: the loader will say why
+        return None
+
+
+def _dataset_cached(name: str) -> bool:
+    """Whether a folder that could hold dataset `name` is in the hub cache (datasets--ns--name) or
+    in datasets' own cache (ns___name with the name snake-cased). Permissive on purpose: a name it
+    accepts wrongly still fails, naming itself, in the loader; one it refused wrongly would block a
+    run that works."""
+    if (_hub_cache() / f"datasets--{name.replace('/', '--')}").is_dir():
+        return True
+    root = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
+    ns, _, base = name.rpartition("/")
+
+    def squash(x: str) -> str:
+        return re.sub(r"[^0-9a-z]", "", x.lower())
+
+    try:
+        entries = [e.name for e in os.scandir(root) if e.is_dir()]
+    except OSError:
+        return False
+    for entry in entries:
+        e_ns, sep, e_base = entry.rpartition("___")
+        if (e_ns if sep else "") == ns and squash(e_base) == squash(base):
+            return True
+    return False
+
+
+def check_sources(cfg: Config) -> None:
+    """That data.train, data.val, data.image_dir and model.path name something loadable; else a
+    one-line ValueError naming the key, the value and what is wrong.
+
+    The training command line (config_from_args) runs this right after validate(), before any model
+    or data loads. It is not part of validate() / load_config(): a config file describes a run and
+    stays loadable, printable and testable on a machine that lacks its data (configs/vppo_7b.yaml
+    names data/ViRL39K and Qwen/Qwen2.5-VL-7B-Instruct). Paths are taken relative to the current
+    directory, as the loaders take them. The rules:
+
+    - None passes: the tiny base / the synthetic set, filled in by the training loop.
+    - data.train / data.val: an existing file must be a .parquet file; an existing folder must hold
+      parquet files or be a `datasets.save_to_disk` folder. A missing value that looks like a path
+      (ends with .parquet / .json / .jsonl, starts with `.`, `/` or `~`, or has more than one `/`)
+      is an error. Any other missing value is taken for a hub dataset name (`name` or `org/name`,
+      optionally `@split`): the loader reads those from the local Hugging Face cache only, so the
+      name must be well-formed and a folder for it must be in the hub cache or in datasets' cache
+      (a permissive test; the loader still names a cached-looking one it cannot read). So
+      `data/ViRL39K` of configs/vppo_7b.yaml, with no such folder here and no such cached dataset,
+      is an error here rather than a traceback from the loader.
+    - data.image_dir, when set, must be an existing folder.
+    - model.path: an existing folder must hold config.json; a missing path-like value is an error;
+      any other value must be a hub id (`name` or `org/name`) that is in the local Hugging Face
+      cache, since the model and processor are loaded with local_files_only=True (nothing is
+      downloaded). When the cache cannot be consulted (no huggingface_hub) a well-formed id passes.
+    """
+    d, m = cfg.data, cfg.model
+    for key, value in (("data.train", d.train), ("data.val", d.val)):
+        if value is None:
+            continue
+        p = Path(value).expanduser()
+        if p.is_file():
+            _check(p.suffix == ".parquet", key, "must be a .parquet file, a folder or a dataset name", value)
+        elif p.is_dir():
+            usable = (p / "dataset_dict.json").exists() or (p / "state.json").exists()
+            usable = usable or next(iter(p.rglob("*.parquet")), None) is not None
+            _check(
+                usable, key, "is a folder with no parquet files (nor a datasets save_to_disk folder)", value
+            )
+        elif _looks_local(value):
+            _check(False, key, f"does not exist (no such file or folder from {Path.cwd()})", value)
+        else:
+            name = value.partition("@")[0]
+            _check(
+                bool(_HUB_NAME.match(name)) and _dataset_cached(name),
+                key,
+                f"is neither a file or folder (from {Path.cwd()}) nor a dataset in the local Hugging Face "
+                "cache (nothing is downloaded)",
+                value,
+            )
+    if d.image_dir is not None:
+        _check(
+            Path(d.image_dir).expanduser().is_dir(),
+            "data.image_dir",
+            "must be an existing folder",
+            d.image_dir,
+        )
+    if m.path is not None:
+        p = Path(m.path).expanduser()
+        if p.exists():
+            _check(p.is_dir(), "model.path", "must be a model folder, not a file", m.path)
+            _check((p / "config.json").is_file(), "model.path", "is a folder without config.json", m.path)
+        elif _looks_local(m.path) or not _HUB_NAME.match(m.path):
+            _check(False, "model.path", f"does not exist (no such folder from {Path.cwd()})", m.path)
+        else:
+            _check(
+                _model_cached(m.path) is not False,
+                "model.path",
+                "is neither a local folder nor a model in the local Hugging Face cache (nothing is "
+                f"downloaded: fetch it first, e.g. `hf download {m.path}`)",
+                m.path,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,7 +858,9 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
 def config_from_args(
     argv: list[str] | None = None, prog: str | None = None, description: str | None = None
 ) -> Config:
-    """Parse the command line into a Config; bad keys or values exit with the message (status 2)."""
+    """Parse the command line into a Config; bad keys or values, YAML syntax errors and data or
+    model sources that cannot be loaded (check_sources) exit with a one-line message (status 2).
+    --print-config prints and exits before the sources are checked (it needs no data)."""
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
     try:
@@ -712,4 +870,8 @@ def config_from_args(
     if args.print_config:
         print(to_yaml(cfg), end="")
         parser.exit(0)
+    try:
+        check_sources(cfg)
+    except ValueError as e:
+        parser.error(str(e))
     return cfg
