@@ -378,3 +378,112 @@ def test_metrics_history_torn_last_line_dropped_corruption_elsewhere_named(tmp_p
     m.path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid JSON"):
         m.history()
+
+
+def _steps(model, opt, steps):
+    """_train's steps, returning each one's loss (what a run logs per step)."""
+    losses = []
+    for _ in range(steps):
+        loss = model(torch.randn(4, 6)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _resume(run_dir, metrics):
+    """What vppo.train.setup does with run.resume=auto: the newest good checkpoint into a fresh
+    model and optimizer, and metrics.jsonl cut back to its step."""
+    ck = CheckpointManager(run_dir, keep_last=2)
+    path = ck.resolve_resume("auto")
+    fresh = _model()
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    state = ck.load(path, model=fresh, optimizer=opt)
+    metrics.truncate(state["step"])
+    return fresh, opt, state
+
+
+def test_torn_metrics_line_then_resume_equals_uninterrupted(tmp_path, caplog):
+    """Issue 16 item 3: killed while appending step 4's record (after the step-2 checkpoint), the
+    run resumes from step 2, drops the torn line with a warning, and steps 3-5 (parameters and the
+    logged records) equal the uninterrupted run's."""
+    from vppo.train import Metrics
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ck = CheckpointManager(tmp_path, keep_last=2)
+    m = Metrics(tmp_path, True, False)
+    for s, loss in enumerate(_steps(model, opt, 2), 1):
+        m.log({"step": s, "loss": loss})
+    ck.save(2, model=model, optimizer=opt, state={"data_pos": 8})
+    rest = _steps(model, opt, 3)  # the uninterrupted run's steps 3, 4, 5
+    want = [p.detach().clone() for p in model.parameters()]
+    uninterrupted = [json.loads(ln) for ln in m.path.read_text().splitlines()]
+    uninterrupted += [{"step": s, "loss": loss} for s, loss in zip((3, 4, 5), rest)]
+    m.log({"step": 3, "loss": rest[0]})
+    with m.path.open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": rest[1]})[:9])  # the kill (or a full disk) tears it
+
+    m = Metrics(tmp_path, True, False)  # the restarted process
+    with caplog.at_level("WARNING", logger="vppo.train"):
+        fresh, opt2, state = _resume(tmp_path, m)
+    assert state == {"step": 2, "data_pos": 8} and "torn last line 4" in caplog.text  # file line 4
+    for s, loss in zip((3, 4, 5), _steps(fresh, opt2, 3)):
+        m.log({"step": s, "loss": loss})
+    assert m.history() == uninterrupted
+    for a, b in zip(want, fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_disk_full_mid_save_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Issue 16 item 4: the disk fills while the step-5 checkpoint is written (the optimizer file
+    is cut short, the zip writer fails as it does on a full disk). The error says so, the previous
+    checkpoint is intact, and the resumed run's steps 3-5 equal the uninterrupted run's; with space
+    freed, its step-5 checkpoint saves and loads to the same weights."""
+    from vppo.train import Metrics
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ck = CheckpointManager(tmp_path, keep_last=2)
+    m = Metrics(tmp_path, True, False)
+    first = _steps(model, opt, 2)
+    for s, loss in enumerate(first, 1):
+        m.log({"step": s, "loss": loss})
+    good = ck.save(2, model=model, optimizer=opt, state={"data_pos": 8})
+    rest = _steps(model, opt, 3)
+    for s, loss in zip((3, 4, 5), rest):
+        m.log({"step": s, "loss": loss})
+    want = [p.detach().clone() for p in model.parameters()]
+
+    real, calls = C.torch.save, []
+
+    def filling(obj, f):
+        calls.append(f.name)
+        if Path(f.name).name == "optimizer.pt":
+            f.write(b"PK\x03\x04" + b"\0" * 60)  # the bytes that fitted
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        real(obj, f)
+
+    monkeypatch.setattr(C.torch, "save", filling)
+    with pytest.raises(InsufficientSpaceError, match="disk full while writing checkpoint step-00000005"):
+        ck.save(5, model=model, optimizer=opt, state={"data_pos": 20})
+    monkeypatch.undo()
+    assert [Path(c).name for c in calls][-1] == "optimizer.pt"  # it failed mid-checkpoint
+    assert _names(ck) == ["step-00000002"] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+    m = Metrics(tmp_path, True, False)  # the restarted process, space freed
+    fresh, opt2, state = _resume(tmp_path, m)
+    assert state == {"step": 2, "data_pos": 8} and [r["step"] for r in m.history()] == [1, 2]
+    again = _steps(fresh, opt2, 3)
+    assert again == rest
+    for a, b in zip(want, fresh.parameters()):
+        assert torch.equal(a, b)
+    done = CheckpointManager(tmp_path, keep_last=2).save(
+        5, model=fresh, optimizer=opt2, state={"data_pos": 20}
+    )
+    assert CheckpointManager(tmp_path).resolve_resume("auto") == done and good.exists()
+    last = _model()
+    CheckpointManager(tmp_path).load(done, model=last, restore_rng=False)
+    for a, b in zip(want, last.parameters()):
+        assert torch.equal(a, b)
