@@ -102,6 +102,7 @@ def test_local_data_sources_must_exist_and_be_loadable(empty_hf, tmp_path, monke
             _fails(_cfg(**{attr: missing}), key, missing, "does not exist")
     (tmp_path / "empty").mkdir()
     _fails(_cfg(data__val="empty"), "data.val", "empty", "no parquet files")
+    check_sources(_cfg(data__val="empty", run__val_every=0))  # never validated: never loaded
     (tmp_path / "rows.json").write_text("[]")
     _fails(_cfg(data__train="rows.json"), "data.train", "rows.json", "must be a .parquet file")
     _fails(_cfg(data__image_dir="imgs"), "data.image_dir", "imgs", "must be an existing folder")

@@ -609,6 +609,7 @@ def check_sources(cfg: Config) -> None:
       (a permissive test; the loader still names a cached-looking one it cannot read). So
       `data/ViRL39K` of configs/vppo_7b.yaml, with no such folder here and no such cached dataset,
       is an error here rather than a traceback from the loader.
+    - data.val is checked only when run.val_every > 0 (otherwise the run never loads it).
     - data.image_dir, when set, must be an existing folder.
     - model.path: an existing folder must hold config.json; a missing path-like value is an error;
       any other value must be a hub id (`name` or `org/name`) that is in the local Hugging Face
@@ -616,7 +617,10 @@ def check_sources(cfg: Config) -> None:
       downloaded). When the cache cannot be consulted (no huggingface_hub) a well-formed id passes.
     """
     d, m = cfg.data, cfg.model
-    for key, value in (("data.train", d.train), ("data.val", d.val)):
+    sources = [("data.train", d.train)]
+    if cfg.run.val_every:  # the validation set is loaded only when validation runs
+        sources.append(("data.val", d.val))
+    for key, value in sources:
         if value is None:
             continue
         p = Path(value).expanduser()
