@@ -15,6 +15,9 @@ import torch
 IGNORE_INDEX = -100
 IMPLS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The torch impls never hold more than this many bytes of [rows, V] temporaries (bench's
+# memory targets use the same bound).
+CHUNK_BYTES = 256 * 1024 * 1024
 # Interpreter trap (triton issue 11584): tl.dot of two bf16 operands is garbage under
 # TRITON_INTERPRET=1, so kernels upcast dot operands to fp32 when this is set.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,4 +1,4 @@
-"""Naive PyTorch definitions of every public kernel (kernels.md).
+"""Naive PyTorch definitions of every public kernel (docs/kernels.md).
 
 Readable, materializes everything, and is the single source of truth that tests and
 benchmarks compare against. Statistics are float32 from the logits divided by temperature.
@@ -31,7 +31,7 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 def token_dependency(clean_logits, masked_logits, labels, *, temperature: float = 1.0) -> TokenStats:
-    """Per-token visual dependency from two [N, V] logits tensors (see kernels.md)."""
+    """Per-token visual dependency from two [N, V] logits tensors (see docs/kernels.md)."""
     check_float("clean_logits", clean_logits, 2)
     check_float("masked_logits", masked_logits, 2)
     check_same("masked_logits", masked_logits, "clean_logits", clean_logits)

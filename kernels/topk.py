@@ -117,7 +117,7 @@ def _topk_torch(scores, valid, k) -> torch.Tensor:
 def topk_token_mask(
     scores: torch.Tensor, response_mask: torch.Tensor, ratio: float, *, impl: str = "auto"
 ) -> torch.Tensor:
-    """Top-k token mask of each row (kernels.md).
+    """Top-k token mask of each row (docs/kernels.md).
 
     scores: [B, T] float32 / bfloat16 / float16; NaN at a valid position is a ValueError.
     response_mask: [B, T] bool or integer, nonzero = valid position.

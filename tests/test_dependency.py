@@ -224,9 +224,9 @@ def _hidden_case(dtype, n=70, h=96, v=1000):
 
 @pytest.fixture(params=[8192, 256], ids=["one_split", "four_splits"])
 def split_v(request, monkeypatch):
-    import kernels.dependency as dep
+    import kernels.dependency_linear as dep_lin
 
-    monkeypatch.setattr(dep, "LINEAR_SPLIT_V", request.param)
+    monkeypatch.setattr(dep_lin, "LINEAR_SPLIT_V", request.param)
     return request.param
 
 
@@ -300,6 +300,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.dependency as dep
+import kernels.dependency_linear as dep_lin
 
 I = dict(IGNORE=-100)
 
@@ -317,13 +318,13 @@ for arch in (90,):  # H100 here; tests/test_compile.py covers sm_80 and sm_90a f
             t = dict(p_clean=dt, p_masked=dt, p_labels="*i64", p_out="*fp32", temperature="fp32")
             t.update(N="i32", V="i32", stride_c="i64", stride_m="i32")
             build(dep._dependency_kernel, t, dict(I, BLOCK_N=bn, BLOCK_V=bv), 8, arch)
-        bn, bv, bh, warps = dep._linear_blocks(4 if dt == "*fp32" else 2)
+        bn, bv, bh, warps = dep_lin._linear_blocks(4 if dt == "*fp32" else 2)
         t = dict(p_hc=dt, p_hm=dt, p_w=dt, p_labels="*i64", p_part="*fp32", N="i32", V="i32", H="i32")
         t.update(stride_hc="i32", stride_hm="i32", stride_w="i32", temperature="fp32")
-        c = dict(I, SPLIT_V=dep.LINEAR_SPLIT_V, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=False)
-        build(dep._dependency_linear_kernel, t, c, warps, arch)
+        c = dict(I, SPLIT_V=dep_lin.LINEAR_SPLIT_V, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=False)
+        build(dep_lin._dependency_linear_kernel, t, c, warps, arch)
     t = dict(p_part="*fp32", p_labels="*i64", p_out="*fp32", N="i32", S="i32")
-    build(dep._merge_splits_kernel, t, dict(I, BLOCK_N=256), 4, arch)
+    build(dep_lin._merge_splits_kernel, t, dict(I, BLOCK_N=256), 4, arch)
 """
 
 
@@ -377,10 +378,10 @@ def test_each_logit_is_read_once(loads, dtype):
 
 
 def test_linear_loads_each_weight_tile_once_per_row_block(loads):
-    import kernels.dependency as dep
+    import kernels.dependency_linear as dep_lin
 
     hc, hm, w, y = _hidden_case(torch.bfloat16, n=70, h=96, v=1000)
     kernels.token_dependency_linear(hc, hm, w, y, impl="triton")
-    bn, bv, bh, _ = dep._linear_blocks(2)
+    bn, bv, bh, _ = dep_lin._linear_blocks(2)
     weight = loads[("bf16", (bv, bh))]
     assert weight == -(-70 // bn) * 1000 * 96 * 2  # serves both hidden states

@@ -32,7 +32,7 @@ def _err(x, r):
 
 
 def _float64(z, y, temperature=1.0):
-    """The definitions of kernels.md in float64, the arbiter of the three-way rule: the fp32
+    """The definitions of docs/kernels.md in float64, the arbiter of the three-way rule: the fp32
     reference itself is off by ~5e-5 at V = 152064 (fp32 sums), where the kernels are ~1e-6."""
     logp = torch.log_softmax(z / temperature, -1)
     p = logp.exp()

@@ -16,7 +16,7 @@ from test_logprobs import TOL, _err, _float64
 
 import kernels
 from bench.meters import peak_live_bytes
-from kernels import logprobs as lp_mod
+from kernels import logprobs_linear as lp_mod
 from kernels import reference as ref
 
 IMPLS = ["triton", "torch"]
