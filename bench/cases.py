@@ -1,4 +1,5 @@
-"""What a bench case is, and the registry of cases (one file per case: bench/case_*.py).
+"""What a bench case is (one file per case: bench/case_*.py, listed in bench/registry.py), and
+the helpers the case files share.
 
 A case owns its shapes, its inputs and its providers. A provider is a function of the inputs
 that returns a zero-argument callable doing the work once (forward, or forward + backward);
@@ -8,7 +9,6 @@ a library that computes something else), and the harness records the reason.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Callable
@@ -17,14 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 PROVIDERS = ("naive", "compile", "torch", "triton", "liger")
-CASE_MODULES = (
-    "token_dependency",
-    "token_dependency_linear",
-    "topk_token_mask",
-    "token_logprobs",
-    "token_logprobs_linear",
-    "vppo_step",
-)
 QWEN = dict(H=3584, V=152064)  # Qwen2.5-VL-7B lm_head
 SMALL = dict(H=1024, V=4096)  # the small-vocabulary shape
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -61,6 +53,12 @@ class Shape:
         return " ".join(dims) + f" {self.dtype}"
 
 
+def shape_dims(key: str) -> tuple[dict, str]:
+    """The inverse of Shape.key: ({"N": 2048, "V": 152064, ...}, "bfloat16")."""
+    *dims, dtype = key.split()
+    return {k: int(v) for k, v in (d.split("=") for d in dims)}, dtype
+
+
 @dataclass
 class Case:
     name: str
@@ -81,47 +79,6 @@ class Case:
         if tiny:
             return self.tiny_shapes
         return self.gpu_shapes if device == "cuda" else self.cpu_shapes
-
-    def count_traffic(self, tiny: bool = False) -> list[dict]:
-        """Bytes and FLOPs of the Triton and Liger providers under the interpreter (needs
-        TRITON_INTERPRET=1), one row per (shape, provider)."""
-        from .traffic import count_traffic
-
-        rows = []
-        for shape in self.tiny_shapes if tiny else self.traffic_shapes:
-            inputs = self.make_inputs(shape, torch.device("cpu"))
-            for prov in ("triton", "liger"):
-                row = dict(
-                    shape=shape.key(), tokens=shape.tokens, provider=prov, min_bytes=self.min_bytes(shape)
-                )
-                row["useful_flops"] = self.flops(shape)
-                try:
-                    fn = self.providers[prov](inputs)
-                    fn()  # compile / warm-up outside the count
-                    with count_traffic() as t:
-                        fn()
-                    row.update(t.__dict__)
-                    row["status"] = "ok"
-                except Unavailable as e:
-                    row["status"] = f"unavailable: {e}"
-                except Exception as e:  # a kernel that fails here is reported, not fatal
-                    row["status"] = f"error: {type(e).__name__}: {e}"[:500]
-                rows.append(row)
-        return rows
-
-
-def load_cases(names: list[str] | None = None) -> list[Case]:
-    """The cases named (a case name, or a module name for all of its cases), in registry order."""
-    by_module = {m: importlib.import_module(f"bench.case_{m}").CASES for m in CASE_MODULES}
-    cases = [c for cs in by_module.values() for c in cs]
-    if not names:
-        return cases
-    known = {c.name for c in cases} | set(by_module)
-    for n in names:
-        if n not in known:
-            raise ValueError(f"unknown bench case {n!r}; cases: {', '.join(sorted(known))}")
-    wanted = {c.name for n in names for c in by_module.get(n, [])} | set(names)
-    return [c for c in cases if c.name in wanted]
 
 
 # ---- helpers shared by the case files ------------------------------------------------------

@@ -24,6 +24,10 @@ import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+
+from .cases import Case, Unavailable
+from .registry import load_cases
 
 
 @dataclass
@@ -124,15 +128,37 @@ def torch_paused(counter):
         del counter.ops[n:]
 
 
+def count_case(case: Case, tiny: bool = False) -> list[dict]:
+    """Bytes and FLOPs of the case's Triton and Liger providers under the interpreter (needs
+    TRITON_INTERPRET=1), one row per (shape, provider)."""
+    rows = []
+    for shape in case.tiny_shapes if tiny else case.traffic_shapes:
+        inputs = case.make_inputs(shape, torch.device("cpu"))
+        for prov in ("triton", "liger"):
+            row = dict(shape=shape.key(), tokens=shape.tokens, provider=prov, min_bytes=case.min_bytes(shape))
+            row["useful_flops"] = case.flops(shape)
+            try:
+                fn = case.providers[prov](inputs)
+                fn()  # compile / warm-up outside the count
+                with count_traffic() as t:
+                    fn()
+                row.update(t.__dict__)
+                row["status"] = "ok"
+            except Unavailable as e:
+                row["status"] = f"unavailable: {e}"
+            except Exception as e:  # a kernel that fails here is reported, not fatal
+                row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+            rows.append(row)
+    return rows
+
+
 def _main(argv: list[str]) -> int:
     """`python -m bench.traffic CASE [CASE ...] [--tiny]`: prints {case: [rows]} as JSON."""
-    from .cases import load_cases
-
     tiny = "--tiny" in argv
     names = [a for a in argv if not a.startswith("--")]
     out = {}
     for case in load_cases(names):
-        out[case.name] = case.count_traffic(tiny=tiny)
+        out[case.name] = count_case(case, tiny=tiny)
     json.dump(out, sys.stdout, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
     return 0
 

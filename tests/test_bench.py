@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cases import PROVIDERS, load_cases
+from bench.cases import PROVIDERS
 from bench.flops import count_torch
+from bench.registry import load_cases
 from bench.splice import END, START, splice_text
 
 ROOT = Path(__file__).resolve().parent.parent
