@@ -71,14 +71,19 @@ def naive_loss(h, w, clean, masked, labels, mask, adv, noise):
 
 def fused_loss(h, w, clean, masked, labels, mask, adv, noise, impl):
     import kernels
-    from vppo.loss import scatter_rows, tgf_token_mask, vppo_loss_linear
+    from vppo import loss as vl
 
     with torch.no_grad():
         y = labels[mask]
         stats = kernels.token_dependency_linear(clean[mask], masked[mask], w, y, impl=impl)  # (N,) each
-        token_mask = tgf_token_mask(stats, mask, RATIO, impl=impl)
-        old_logp = scatter_rows(stats.logp_clean, mask) + noise
-    return vppo_loss_linear(h, w, labels, old_logp, adv, token_mask, mask, impl=impl)[0]
+        token_mask = vl.tgf_token_mask(stats, mask, RATIO, impl=impl)
+        old_logp = vl.scatter_rows(stats.logp_clean, mask) + noise
+    # vppo.loss is moving its options (impl, temperature, objective) into one LossOptions
+    # object; take whichever form the checked-out vppo.loss has
+    args = (h, w, labels, old_logp, adv, token_mask, mask)
+    if hasattr(vl, "LossOptions"):
+        return vl.vppo_loss_linear(*args, vl.LossOptions(impl=impl))[0]
+    return vl.vppo_loss_linear(*args, impl=impl)[0]
 
 
 def _provider(loss_fn):
