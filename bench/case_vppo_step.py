@@ -78,12 +78,7 @@ def fused_loss(h, w, clean, masked, labels, mask, adv, noise, impl):
         stats = kernels.token_dependency_linear(clean[mask], masked[mask], w, y, impl=impl)  # (N,) each
         token_mask = vl.tgf_token_mask(stats, mask, RATIO, impl=impl)
         old_logp = vl.scatter_rows(stats.logp_clean, mask) + noise
-    # vppo.loss is moving its options (impl, temperature, objective) into one LossOptions
-    # object; take whichever form the checked-out vppo.loss has
-    args = (h, w, labels, old_logp, adv, token_mask, mask)
-    if hasattr(vl, "LossOptions"):
-        return vl.vppo_loss_linear(*args, vl.LossOptions(impl=impl))[0]
-    return vl.vppo_loss_linear(*args, impl=impl)[0]
+    return vl.vppo_loss_linear(h, w, labels, old_logp, adv, token_mask, mask, vl.LossOptions(impl=impl))[0]
 
 
 def _provider(loss_fn):

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_update_worker.py ROLLOUT OUT key=value ...
 
-Each rank takes its shard of the groups (the rows `sample_rollout` would have given it: prompt
+Each rank takes its shard of the groups (the rows `vppo.sampling.sample_batch` would have given it: prompt
 groups g with g % world == rank, in order), runs `vppo.train.update` and rank 0 saves the global
 step losses and the updated weights.
 """
@@ -12,7 +12,9 @@ import sys
 import torch
 
 from vppo.config import load_config
-from vppo.train import build_engine, init_distributed, load_policy, update
+from vppo.distributed import init_distributed
+from vppo.model import build_engine, load_policy
+from vppo.train import loss_options, update
 
 
 def main() -> None:
@@ -20,17 +22,13 @@ def main() -> None:
     rank, world = init_distributed()
     cfg = load_config(None, overrides)
     blob = torch.load(rollout_path, weights_only=False)
-    ub, ids = blob["batch"], blob["ids"]
+    traj, ids = blob["batch"], blob["ids"]
     n = cfg.rollout.n
-    groups = torch.arange(len(ub.ro)) // n
-    rows = (groups % world == rank).nonzero().squeeze(-1)
-    ub.ro = ub.ro.select(rows)
-    ub.old_logp, ub.advantages = ub.old_logp[rows], ub.advantages[rows]
-    ub.dep_scores = None if ub.dep_scores is None else ub.dep_scores[rows]
-    ub.token_mask = None if ub.token_mask is None else ub.token_mask[rows]
+    groups = torch.arange(len(traj)) // n
+    traj = traj.select((groups % world == rank).nonzero().squeeze(-1))
     hf = load_policy(cfg)
     engine = build_engine(cfg, hf, world)
-    steps = update(engine, cfg, ub, world, ids)
+    steps = update(engine, traj, cfg, loss_options(cfg), ids, world)
     import deepspeed
 
     params = list(engine.module.parameters())

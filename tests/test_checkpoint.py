@@ -359,7 +359,7 @@ def test_disk_full_mid_write_says_so(tmp_path, monkeypatch, err):
 
 
 def test_metrics_history_torn_last_line_dropped_corruption_elsewhere_named(tmp_path, caplog):
-    from vppo.train import Metrics
+    from vppo.metrics import Metrics
 
     m = Metrics(tmp_path, True, False)
     for s in (1, 2, 3):
@@ -408,7 +408,7 @@ def test_torn_metrics_line_then_resume_equals_uninterrupted(tmp_path, caplog):
     """Issue 16 item 3: killed while appending step 4's record (after the step-2 checkpoint), the
     run resumes from step 2, drops the torn line with a warning, and steps 3-5 (parameters and the
     logged records) equal the uninterrupted run's."""
-    from vppo.train import Metrics
+    from vppo.metrics import Metrics
 
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -441,7 +441,7 @@ def test_disk_full_mid_save_then_resume_equals_uninterrupted(tmp_path, monkeypat
     is cut short, the zip writer fails as it does on a full disk). The error says so, the previous
     checkpoint is intact, and the resumed run's steps 3-5 equal the uninterrupted run's; with space
     freed, its step-5 checkpoint saves and loads to the same weights."""
-    from vppo.train import Metrics
+    from vppo.metrics import Metrics
 
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

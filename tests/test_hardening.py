@@ -51,12 +51,14 @@ def _one_thread():
 
 
 def test_generation_and_both_scoring_passes_see_the_same_image_grid_and_tokens(assets, tmp_path, monkeypatch):
+    import vppo.loss as vl
+    import vppo.sampling as vs
     import vppo.train as vt
     from vppo.data import image_token_count
 
     run = train_setup(assets, tmp_path)
     gen_inputs, scored = [], []
-    real_generate, real_hidden = vt.generate, vt.response_hidden
+    real_generate, real_hidden = vs.generate, vl.response_hidden
 
     def spy_generate(model, inputs, *a, **kw):
         gen_inputs.append(inputs)
@@ -66,11 +68,11 @@ def test_generation_and_both_scoring_passes_see_the_same_image_grid_and_tokens(a
         scored.append(inputs)
         return real_hidden(model, inputs, prompt_len)
 
-    monkeypatch.setattr(vt, "generate", spy_generate)
-    monkeypatch.setattr(vt, "response_hidden", spy_hidden)
-    _, _, ub = vt.prepare(run, 1)
+    monkeypatch.setattr(vs, "generate", spy_generate)
+    monkeypatch.setattr(vl, "response_hidden", spy_hidden)
+    traj, _ = vt.prepare(run, 1)
     (enc,) = gen_inputs
-    n, p = run.cfg.rollout.n, ub.ro.prompt_len
+    n, p = run.cfg.rollout.n, traj.prompt_len
     merge = run.processor.image_processor.merge_size
     img_id = run.processor.image_token_id
     # generation: one image per prompt, its token count is what the length filter counted
@@ -87,11 +89,11 @@ def test_generation_and_both_scoring_passes_see_the_same_image_grid_and_tokens(a
     )  # fmt: skip  # (3, prompts, P)
     # scoring: micro-batches of the clean pass then of the perturbed pass, in that order
     micro = run.cfg.train.logprob_micro_batch
-    assert len(scored) == 2 * math.ceil(len(ub.ro) / micro)
+    assert len(scored) == 2 * math.ceil(len(traj) / micro)
     for k, inp in enumerate(scored):
         s = (k // 2) * micro
         masked = k % 2 == 1
-        prompts = torch.arange(s, min(s + micro, len(ub.ro))) // n
+        prompts = torch.arange(s, min(s + micro, len(traj))) // n
         want_grid = enc["image_grid_thw"][prompts]
         assert torch.equal(inp["image_grid_thw"], want_grid), (
             f"scoring pass {k}: grid differs from generation"
@@ -174,21 +176,22 @@ def test_log_probs_are_never_positive_at_extreme_logits(dtype):
 
 
 def test_scoring_log_probs_stay_non_positive_with_a_blown_up_lm_head(assets, tmp_path):
-    from vppo.train import prepare, score
+    from vppo.loss import LossOptions, score
+    from vppo.train import prepare
 
     run = train_setup(assets, tmp_path)
-    _, sc, ub = prepare(run, 1)
+    traj, _ = prepare(run, 1)
     with torch.no_grad():
         run.hf.lm_head.weight.mul_(1e4)  # logits in the tens of thousands
-    big = score(run.hf, ub.ro, dependency=True, micro=8, temperature=1.0, impl="torch", ids=run.ids)
-    valid = ub.ro.response_mask
+    big = score(run.hf, traj, LossOptions(impl="torch"), ids=run.ids, micro=8, dependency=True)
+    valid = traj.response_mask
     for name in ("old_logp", "kl", "k3", "entropy"):
         assert torch.isfinite(getattr(big, name)).all(), name
     assert (big.old_logp[valid] <= 0).all()
     assert float(big.old_logp[valid].min()) < -100  # really extreme, not a scaled copy of the normal one
 
 
-def _update_capture(assets, out, ub, micro, monkeypatch, *extra):
+def _update_capture(assets, out, traj, micro, monkeypatch, *extra):
     """One rank's update() at train.micro_batch=micro from the initial weights on the given batch:
     (per-step stats, per optimizer step the training path's (logp, old_logp, valid) rows and the
     pre-clip gradients by parameter name)."""
@@ -217,7 +220,7 @@ def _update_capture(assets, out, ub, micro, monkeypatch, *extra):
 
     monkeypatch.setattr(vl, "policy_loss", spy_loss)
     monkeypatch.setattr(guard, "step", spy_step)
-    steps = update(run.engine, run.cfg, ub, run.world, run.ids)
+    steps = update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)
     monkeypatch.undo()
     return steps, calls, grads
 
@@ -230,11 +233,11 @@ def test_first_update_ratio_is_one_for_any_micro_batch_and_accumulation_1_equals
 
     ds = () if zero == "zero0" else ("train.deepspeed=configs/ds_zero2.json",)
     run = train_setup(assets, tmp_path / "gen", "algo.shaping=global", *ds)
-    _, _, ub = prepare(run, 1)
+    traj, _ = prepare(run, 1)
     # the random micro model never answers right (all advantages 0): give the policy term weight
-    ub.advantages = torch.randn(len(ub.ro), generator=torch.Generator().manual_seed(0))
+    traj.advantages = torch.randn(len(traj), generator=torch.Generator().manual_seed(0))
     per_step = run.cfg.train.global_batch * run.cfg.rollout.n  # 8 samples per optimizer step
-    res = {m: _update_capture(assets, tmp_path / f"m{m}", ub, m, monkeypatch, *ds) for m in (8, 4, 2)}
+    res = {m: _update_capture(assets, tmp_path / f"m{m}", traj, m, monkeypatch, *ds) for m in (8, 4, 2)}
     ratios = {}
     for m, (steps, calls, grads) in res.items():
         assert len(calls) == 2 * per_step // m and len(grads) == 2  # 2 optimizer steps per rollout
@@ -333,7 +336,7 @@ def test_generated_masks_cover_generated_tokens_eos_included_padding_excluded(as
 
 
 def test_data_order_resumed_at_an_epoch_boundary_continues_with_the_next_permutation():
-    from vppo.train import DataOrder
+    from vppo.sampling import DataOrder
 
     full = DataOrder(8, seed=3, shuffle=True)
     chunks = [full.take(4) for _ in range(5)]  # 2.5 epochs

@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from kernels import reference as kref
-from vppo.loss import scatter_rows, tgf_token_mask, vppo_loss, vppo_loss_linear
+from vppo.loss import LossOptions, scatter_rows, tgf_token_mask, vppo_loss, vppo_loss_linear
 from vppo.objective import LossConfig, reference_loss
 
 # one table: relative RMS error allowed beyond the same-dtype PyTorch error
@@ -104,10 +104,11 @@ _POS = ("old_logp", "advantages", "token_mask", "response_mask", "cfg")
 def _kernel_loss(path, leaves, kw, impl):
     kw = dict(kw)
     labels = kw.pop("labels")
-    pos = [kw.pop(k) for k in _POS]
+    pos = [kw.pop(k) for k in _POS[:-1]]
+    opts = LossOptions(kw.pop("cfg"), temperature=kw.pop("temperature", 1.0), impl=impl)
     if path == "linear":
-        return vppo_loss_linear(leaves["hidden"], leaves["weight"], labels, *pos, impl=impl, **kw)
-    return vppo_loss(leaves["logits"], labels, *pos, impl=impl, **kw)
+        return vppo_loss_linear(leaves["hidden"], leaves["weight"], labels, *pos, opts, **kw)
+    return vppo_loss(leaves["logits"], labels, *pos, opts, **kw)
 
 
 def _run(fn, leaves):
@@ -232,9 +233,21 @@ def test_bad_input_names_the_argument():
             kw["advantages"],
             None,
             kw["response_mask"],
-            impl="torch",
+            LossOptions(impl="torch"),
         )  # 5 != 10 valid rows
     with pytest.raises(ValueError, match="hidden"):
-        vppo_loss_linear([0.0], torch.zeros(V, H), *(kw[k] for k in ("labels",) + _POS))
+        vppo_loss_linear([0.0], torch.zeros(V, H), *(kw[k] for k in ("labels",) + _POS[:-1]), LossOptions())
+    with pytest.raises(ValueError, match="opts must be a LossOptions"):  # the objective alone is not enough
+        _ = vppo_loss_linear(
+            torch.zeros(10, H), torch.zeros(V, H), *(kw[k] for k in ("labels",) + _POS[:-1]), kw["cfg"]
+        )
+    for bad, match in (
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(impl="cuda"), "impl"),
+        (dict(objective="token"), "objective"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            LossOptions(**bad)
     with pytest.raises(ValueError, match="values"):
         scatter_rows(torch.zeros(3), kw["response_mask"])

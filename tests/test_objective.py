@@ -130,6 +130,24 @@ def test_alphas_released_per_micro_batch_and_mean_zero():
     torch.testing.assert_close(alpha, torch.tensor([0.9, 1.1, 1.0, 0.9]))
 
 
+def test_alphas_released_divide_by_mean_plus_the_released_epsilon():
+    # 16 rows, micro-batches of 8: the second holds the mini-batch's min (0) and max (1); every row
+    # of the first sits within a hair of the min (n = 0 but one n = 8e-8, so mean(n) = 1e-8). The
+    # released factor 0.9 + 0.1 * n / (mean(n) + 1e-8) is 1.3 for that row; without the epsilon it
+    # would be 1.7. Expected values are the released formula evaluated in float64.
+    scores = torch.zeros(16)
+    scores[7], scores[15] = 8e-8, 1.0
+    scores[8:15] = torch.linspace(0.0, 0.9, 7)
+    alpha = trajectory_alphas(scores, "released", b_min=0.9, micro_batch_size=8)
+    n = scores.double()  # lo = 0, hi = 1
+    want = torch.cat([0.9 + 0.1 * n[c] / (n[c].mean() + 1e-8) for c in (slice(0, 8), slice(8, 16))])
+    torch.testing.assert_close(alpha, want.float(), rtol=1e-6, atol=1e-6)
+    assert float(alpha[7]) == pytest.approx(1.3, abs=1e-6)
+    # the same epsilon in the global form (one rank: the whole batch is one group)
+    glob = trajectory_alphas(scores, "global", b_min=0.9)
+    torch.testing.assert_close(glob, (0.9 + 0.1 * n / (n.mean() + 1e-8)).float(), rtol=1e-6, atol=1e-6)
+
+
 def test_alphas_static_and_global_single_rank():
     scores, valid_rows = trajectory_scores(DEP, VALID), VALID.any(-1)
     static = trajectory_alphas(scores, "static", b_min=0.9, b_max=1.1, valid=valid_rows)

@@ -39,8 +39,8 @@ def test_learning_rate_warms_up_linearly_then_stays(assets, tmp_path):
     from vppo.train import prepare, update
 
     run = train_setup(assets, tmp_path, "train.warmup_steps=3", "train.lr=1e-3")
-    _, _, ub = prepare(run, 1)
-    lrs = [s["lr"] for _ in range(3) for s in update(run.engine, run.cfg, ub, run.world, run.ids)]
+    traj, _ = prepare(run, 1)
+    lrs = [s["lr"] for _ in range(3) for s in update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)]
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
 
 
@@ -48,29 +48,28 @@ def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_p
     from vppo.train import prepare
 
     run = train_setup(assets, tmp_path)
-    sr, sc, ub = prepare(run, 1)
-    ro = ub.ro
-    for clean, masked, grid in zip(ro.pixel_values, ro.masked_pixel_values, ro.image_grid_thw):
+    traj, _ = prepare(run, 1)
+    for clean, masked, grid in zip(traj.pixel_values, traj.masked_pixel_values, traj.image_grid_thw):
         assert masked.shape == clean.shape and grid.shape[0] >= 1
         assert not torch.equal(masked, clean)
-    valid = ro.response_mask
-    assert float(sc.kl[valid].max()) > 1e-6  # the masked pass really saw a different image
-    assert torch.all(sc.kl[~valid] == 0)
+    valid = traj.response_mask
+    assert float(traj.kl[valid].max()) > 1e-6  # the masked pass really saw a different image
+    assert torch.all(traj.kl[~valid] == 0)
     lengths = valid.sum(-1)
     want = torch.tensor([math.ceil(0.4 * int(n) - 1e-9) for n in lengths])
-    assert torch.equal(ub.token_mask.sum(-1), want)
-    assert not bool((ub.token_mask & ~valid).any())
+    assert torch.equal(traj.token_mask.sum(-1), want)
+    assert not bool((traj.token_mask & ~valid).any())
 
 
 def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
     from vppo.train import prepare, update
 
     run = train_setup(assets, tmp_path)
-    _, _, ub = prepare(run, 1)
-    ub.advantages = ub.advantages.clone()
-    ub.advantages[0] = float("nan")  # poisons the first optimizer step only
+    traj, _ = prepare(run, 1)
+    traj.advantages = traj.advantages.clone()
+    traj.advantages[0] = float("nan")  # poisons the first optimizer step only
     before = {k: p.detach().clone() for k, p in run.hf.named_parameters()}
-    steps = update(run.engine, run.cfg, ub, run.world, run.ids)
+    steps = update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)
     assert [s["skipped"] for s in steps] == [True, False]
     assert not math.isfinite(steps[0]["grad_norm"])
     assert run.engine.vppo_guard.skipped == 1
@@ -79,18 +78,19 @@ def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
 
 
 def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
-    from vppo.train import prepare, score
+    from vppo.loss import LossOptions, score
+    from vppo.train import prepare
 
     run = train_setup(assets, tmp_path)
-    _, sc, ub = prepare(run, 1)
-    ro = ub.ro
+    traj, _ = prepare(run, 1)
+    first = traj.old_logp.clone()
     pad_id = run.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    ro.input_ids[0, ro.prompt_len] = pad_id  # a sampled vision token inside the response
-    again = score(run.hf, ro, dependency=True, micro=3, temperature=1.0, impl="torch", ids=run.ids)
+    traj.input_ids[0, traj.prompt_len] = pad_id  # a sampled vision token inside the response
+    again = score(run.hf, traj, LossOptions(impl="torch"), ids=run.ids, micro=3, dependency=True)
     assert torch.isfinite(again.old_logp).all()
     assert (again.old_logp <= 0).all()
     # rows without the token are scored exactly as before, whatever the micro-batch size
-    torch.testing.assert_close(again.old_logp[1:], sc.old_logp[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.old_logp[1:], first[1:], rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets, tmp_path, monkeypatch):
@@ -102,9 +102,9 @@ def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets,
     run = train_setup(
         assets, tmp_path, f"data.prompt_suffix={suffix}", "run.val_every=1", "run.val_samples=2"
     )
-    _, _, ub = prepare(run, 1)
+    traj, _ = prepare(run, 1)
     tok = run.processor.tokenizer
-    prompt = tok.decode(ub.ro.input_ids[0, : ub.ro.prompt_len])
+    prompt = tok.decode(traj.input_ids[0, : traj.prompt_len])
     assert suffix in prompt and PROMPT_SUFFIX not in prompt
     seen = []
     real = vppo.evaluate.encode_prompts
@@ -153,12 +153,13 @@ def test_grpo_with_a_reference_policy_starts_at_zero_kl(assets, tmp_path):
     run = train_setup(
         assets, tmp_path, "algo.name=grpo", "algo.shaping=none", "algo.topk_ratio=1.0", "algo.kl_coef=0.01"
     )
-    _, sc, ub = prepare(run, 1)
-    assert ub.dep_scores is None and ub.token_mask is None and sc.kl is None
-    valid = ub.ro.response_mask
+    traj, _ = prepare(run, 1)
+    assert traj.kl is None and traj.k3 is None and traj.token_mask is None
+    assert traj.masked_pixel_values is None
+    valid = traj.response_mask
     # the reference is the initial policy: same log-probs, so the KL term starts at zero
-    torch.testing.assert_close(sc.ref_logp[valid], sc.old_logp[valid], rtol=0, atol=1e-5)
-    steps = update(run.engine, run.cfg, ub, run.world, run.ids)
+    torch.testing.assert_close(traj.ref_logp[valid], traj.old_logp[valid], rtol=0, atol=1e-5)
+    steps = update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)
     assert abs(steps[0]["kl_loss"]) < 1e-5 and not steps[0]["skipped"]
 
 
@@ -195,9 +196,9 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(assets, tmp_p
 
     extra = ("algo.shaping=global", "train.deepspeed=configs/ds_zero2.json")
     run = train_setup(assets, tmp_path / "gen", *extra)
-    _, _, ub = prepare(run, 1)
+    traj, _ = prepare(run, 1)
     rollout = tmp_path / "rollout.pt"
-    torch.save({"batch": ub, "ids": run.ids}, rollout)
+    torch.save({"batch": traj, "ids": run.ids}, rollout)
     ov = train_overrides(assets, tmp_path / "w", *extra)
     one = _worker(tmp_path, 1, rollout, tmp_path / "one.pt", ov)
     two = _worker(tmp_path, 2, rollout, tmp_path / "two.pt", ov)

@@ -11,15 +11,16 @@ next to the PNG as .md) lists val accuracy +- stderr at every validated step and
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from vppo.metrics import read_metrics
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a vppo.train run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def val_points(records: list[dict]) -> list[tuple[int, float, float]]:

@@ -63,10 +63,6 @@ from vppo.provenance import (
 from vppo.report import _avg, markdown_report, paper_model, write_outputs
 from vppo.rollout import GenSettings
 
-# Temporary re-export: vppo.train still imports eos_ids_of (and evaluate_problems, imported above)
-# from here; drop this line once it imports them from vppo.tokens and vppo.evaluate.
-from vppo.tokens import eos_ids_of  # noqa: F401
-
 # ----------------------------------------------------------------------------------------------------
 # the command line
 

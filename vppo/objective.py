@@ -1,4 +1,4 @@
-"""The VPPO math on per-token scalars (vppo.md sections 2-4). Plain PyTorch: no Triton, no model.
+"""The VPPO math on per-token scalars (docs/algorithm.md sections 2-4). Plain PyTorch: no Triton, no model.
 
 Pieces, in the order a training step uses them:
   group_advantages     GRPO advantages per response                                   [B]
@@ -218,7 +218,7 @@ def trajectory_alphas(
     reduce: Reduce | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """TAS factors alpha_i (vppo.md section 3) from trajectory scores.
+    """TAS factors alpha_i (docs/algorithm.md section 3) from trajectory scores.
 
     scores: [B] trajectory scores Sbar. valid: optional [B] bool, rows that take part (e.g. length
     > 0); the others get alpha = 1 and are left out of every min / max / mean. With lo / hi the
@@ -231,9 +231,10 @@ def trajectory_alphas(
                   all-reduces over ranks, so the result depends neither on the micro-batch size
                   nor on the number of GPUs.
       "static":   alpha_i = b_min + (b_max - b_min) * n_i (paper, Eq. 5); reduce optional.
+    The mean-1 forms divide by mean(n) + 1e-8, as the released code does: a micro-batch whose rows
+    all sit within a hair of the minimum gets factors near b_min rather than large ones, and one
+    whose rows all sit at it (mean(n) == 0) gets alpha = b_min.
     Degenerate cases: hi - lo <= eps (all scores equal, or fewer than two rows) -> alpha = 1.
-    mean(n) == 0 over a micro-batch (all its rows sit at the minimum) -> alpha = b_min, which is
-    what the released code's `(1 - b_min) / (mean(n) + 1e-8)` gives there.
     Returns [B] float32.
     """
     _check_float("scores", scores, 1)
@@ -283,20 +284,26 @@ def trajectory_alphas(
             total = torch.zeros(k, device=s.device).index_add_(0, chunk, n)
             count = torch.zeros(k, device=s.device).index_add_(0, chunk, valid.float())
             mean = (total / count.clamp_min(1))[chunk]
-        rel = torch.where(mean > 0, n / torch.where(mean > 0, mean, 1.0), 0.0)
-        alpha = b_min + (1.0 - b_min) * rel
+        alpha = b_min + (1.0 - b_min) * n / (mean + 1e-8)  # the released formula, epsilon included
     return torch.where(flat | ~valid, torch.ones_like(alpha), alpha)
 
 
 def shape_advantages(
-    advantages: torch.Tensor, scores: torch.Tensor, mode: str = "released", **kw
-) -> torch.Tensor:
-    """A'_i = alpha_i * A_i for both signs; advantages [B] or [B, T], kw as trajectory_alphas."""
+    advantages: torch.Tensor,
+    scores: torch.Tensor,
+    mode: str = "released",
+    *,
+    return_alpha: bool = False,
+    **kw,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A'_i = alpha_i * A_i for both signs; advantages [B] or [B, T], kw as trajectory_alphas.
+    With return_alpha=True returns (A', alpha)."""
     _check_float("advantages", advantages, (1, 2))
     if advantages.shape[0] != scores.shape[0]:
         raise ValueError(f"advantages rows {advantages.shape[0]} do not match scores rows {scores.shape[0]}")
     alpha = trajectory_alphas(scores, mode, **kw)
-    return advantages * (alpha if advantages.dim() == 1 else alpha[:, None])
+    shaped = advantages * (alpha if advantages.dim() == 1 else alpha[:, None])
+    return (shaped, alpha) if return_alpha else shaped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +379,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The VPPO micro-batch loss (vppo.md section 4) -> (scalar loss, stats of detached floats).
+    """The VPPO micro-batch loss (docs/algorithm.md section 4) -> (scalar loss, stats of detached floats).
 
     logp [B, T]: log pi_theta of the sampled tokens (differentiable); old_logp [B, T]: log pi_old;
     advantages [B] or [B, T] (already shaped by TAS); token_mask [B, T] bool: the TGF selection

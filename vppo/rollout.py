@@ -1,18 +1,19 @@
-"""Sampling responses and laying out the scoring passes (shared by training and evaluation).
+"""Sampling responses and laying out the passes over them (shared by training and evaluation).
 
-A rollout holds prompt+response token rows in one [B, P + R] layout: prompts left-padded to
-width P (as generation needs them), responses right-padded to width R. Every pass over the
-rollout (old policy on the clean image, old policy on the perturbed image, the update) feeds
-exactly these rows, the same `mm_token_type_ids` and the same image grid, so the 3-D rotary
-positions of Qwen2.5-VL agree token for token between generation and scoring.
+`generate` samples n responses per prompt into a `vppo.trajectory.Trajectory` (its docstring gives
+the layout); `model_inputs` and `response_hidden` feed those rows to the model again, clean or
+perturbed, for the scoring passes and the update.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+
+from vppo.distributed import zero3_ranks
+from vppo.trajectory import Trajectory
 
 
 @dataclass
@@ -21,46 +22,6 @@ class GenSettings:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 64
-
-
-@dataclass
-class Rollout:
-    """n responses for each of a batch of prompts, flattened to B = prompts * n rows."""
-
-    input_ids: torch.Tensor  # (B, P + R) prompt left-padded, response right-padded
-    attention_mask: torch.Tensor  # (B, P + R)
-    mm_token_type_ids: torch.Tensor  # (B, P + R) 0 text, 1 image (response is all text)
-    prompt_len: int  # P
-    response_mask: torch.Tensor  # (B, R) bool: generated tokens up to and including EOS
-    pixel_values: list[torch.Tensor]  # per row: (patches_i, D) clean image patches
-    image_grid_thw: list[torch.Tensor]  # per row: (images_i, 3)
-    group: torch.Tensor  # (B,) index of the prompt each row answers
-    texts: list[str] = field(default_factory=list)  # decoded responses (for grading)
-    masked_pixel_values: list[torch.Tensor] | None = None  # per row, the perturbed image
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_len :]  # (B, R)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, idx: list[int] | torch.Tensor) -> Rollout:
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        rows = idx.tolist()
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
-        return Rollout(
-            input_ids=self.input_ids[idx],
-            attention_mask=self.attention_mask[idx],
-            mm_token_type_ids=self.mm_token_type_ids[idx],
-            prompt_len=self.prompt_len,
-            response_mask=self.response_mask[idx],
-            pixel_values=pick(self.pixel_values),
-            image_grid_thw=pick(self.image_grid_thw),
-            group=self.group[idx],
-            texts=[self.texts[i] for i in rows] if self.texts else [],
-            masked_pixel_values=pick(self.masked_pixel_values),
-        )
 
 
 def split_images(inputs: dict, vision_start_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -108,7 +69,7 @@ def generate(
     suppress_ids: list[int],
     vision_start_id: int,
     tokenizer=None,
-) -> Rollout:
+) -> Trajectory:
     """Sample n responses per prompt. `inputs` is a left-padded processor batch (input_ids,
     attention_mask, mm_token_type_ids, pixel_values, image_grid_thw). Vision special tokens are
     suppressed: fed back for scoring they would be counted as image slots."""
@@ -137,7 +98,7 @@ def generate(
     out = model.generate(
         **{k: v.to(device) for k, v in kwargs.items()},
         generation_config=config,
-        synced_gpus=_zero3_ranks(model),
+        synced_gpus=zero3_ranks(model),
     )
     prompt_len = ids.shape[1]
     responses = out[:, prompt_len:].cpu()
@@ -146,7 +107,7 @@ def generate(
     texts = []
     if tokenizer is not None:
         texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
-    return Rollout(
+    return Trajectory(
         input_ids=torch.cat([ids, responses], 1),
         attention_mask=torch.cat([attn, mask.long()], 1),
         mm_token_type_ids=torch.cat([mm, torch.zeros_like(responses)], 1).to(mm.dtype),
@@ -159,24 +120,9 @@ def generate(
     )
 
 
-def _zero3_ranks(model) -> bool:
-    """True when ZeRO-3 partitions the weights over several ranks: every forward gathers them
-    collectively, so a rank whose rows all finished must keep stepping until every rank is done
-    (transformers detects this only under its own DeepSpeed integration, which the loop does not use)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    return zero3_partitioned(model.parameters())
-
-
-def zero3_partitioned(params) -> bool:
-    """True when DeepSpeed ZeRO-3 partitions these parameters (outside their module's forward
-    they are empty and must be gathered)."""
-    return any(hasattr(p, "ds_id") for p in params)
-
-
-def model_inputs(ro: Rollout, *, masked: bool = False, vision_ids: list[int] = (), pad_id: int = 0) -> dict:
+def model_inputs(
+    ro: Trajectory, *, masked: bool = False, vision_ids: list[int] = (), pad_id: int = 0
+) -> dict:  # noqa: E501
     """Forward inputs for the rows of `ro` (clean or perturbed image). Vision special tokens that
     slipped into a response are replaced by pad in the input (their labels stay as sampled), so
     the placeholder count always matches the image features."""

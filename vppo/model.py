@@ -1,0 +1,138 @@
+"""The model pieces DeepSpeed sees: the fused lm_head, the policy module, the guarded optimizer,
+and how a policy is loaded and wrapped in a DeepSpeed engine."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import deepspeed
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText
+
+from vppo.config import Config, deepspeed_config, resolve_attn_impl
+from vppo.distributed import all_reduce
+from vppo.rollout import response_hidden
+
+
+class FusedLMHead(nn.Linear):
+    """The lm_head, which can also hand its weight to a fused function instead of building logits.
+
+    `head(hidden)` is the plain linear layer that `generate` uses; `head(hidden, fn)` returns
+    `fn(hidden, weight)` (the scoring pass and the loss of `vppo.loss`), so the [N, V] logits never
+    exist. Called as a module either way, so ZeRO-3 gathers the weight for the call and routes its
+    gradient (outside its own forward the partitioned weight is an empty tensor). State-dict keys
+    are unchanged (lm_head.weight).
+    """
+
+    @classmethod
+    def replace(cls, model: nn.Module) -> None:
+        old = model.lm_head
+        head = cls(old.in_features, old.out_features, bias=False, device="meta")
+        head.weight = old.weight  # the same Parameter: tied embeddings stay tied
+        model.lm_head = head
+
+    def forward(self, hidden, fn: Callable | None = None):
+        if fn is None:
+            return super().forward(hidden)
+        return fn(hidden, self.weight)
+
+
+class Policy(nn.Module):
+    """What DeepSpeed wraps: forward(inputs, prompt_len, fn) -> fn(response hidden states, weight)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, inputs: dict, prompt_len: int, fn: Callable):
+        hidden = response_hidden(self.hf, inputs, prompt_len)  # (b, R, H)
+        return self.hf.lm_head(hidden, fn)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm and skips a step whose norm is not finite.
+
+    DeepSpeed (ZeRO 0-3, fp32 or bf16) calls step() with this rank's gradients: the full ones
+    under ZeRO-0, a partition under ZeRO-1/2/3 (`partitioned=True`: the squared norms are summed
+    over ranks). Clipping lives here, not in DeepSpeed, so the pre-clip norm is known and a
+    non-finite one skips the step on every rank together, leaving weights and moments untouched.
+    """
+
+    def __init__(self, params, *, max_norm: float | None = None, partitioned: bool = False, **kw):
+        super().__init__(params, **kw)
+        self.max_norm, self.partitioned = max_norm, partitioned
+        self.skipped, self.last_skipped, self.last_norm, self.last_lr = 0, False, float("nan"), float("nan")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        sq = torch.zeros(1, dtype=torch.float64)
+        for gr in grads:
+            sq += gr.detach().double().pow(2).sum().cpu()
+        if self.partitioned:
+            sq = all_reduce(sq)
+        norm = float(sq.sqrt())
+        self.last_norm, self.last_lr = norm, self.param_groups[0]["lr"]
+        self.last_skipped = not math.isfinite(norm)
+        if self.last_skipped:
+            self.skipped += 1
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            return None
+        if self.max_norm and norm > self.max_norm:
+            for gr in grads:
+                gr.mul_(self.max_norm / (norm + 1e-6))
+        return super().step(closure)
+
+
+def load_policy(cfg: Config) -> nn.Module:
+    """The Hugging Face model of cfg.model (local files only), its lm_head a FusedLMHead."""
+    hf = AutoModelForImageTextToText.from_pretrained(
+        cfg.model.path,
+        dtype=getattr(torch, cfg.model.dtype),
+        attn_implementation=resolve_attn_impl(cfg.model.attn_impl),
+        local_files_only=True,
+    )
+    if cfg.model.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl  # optional extra
+
+        apply_liger_kernel_to_qwen2_5_vl(model=hf, fused_linear_cross_entropy=False, cross_entropy=False)
+    if cfg.model.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.freeze_vision:
+        for p in hf.model.visual.parameters():
+            p.requires_grad_(False)
+    FusedLMHead.replace(hf)
+    if torch.cuda.is_available():
+        hf.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return hf
+
+
+def build_engine(cfg: Config, hf: nn.Module, world: int):
+    """The DeepSpeed engine around Policy(hf) with GuardedAdamW and the warm-up schedule;
+    `engine.vppo_guard` is the optimizer (the last step's gradient norm, lr, and whether skipped)."""
+    policy = Policy(hf)
+    t = cfg.train
+    params = [p for p in policy.parameters() if p.requires_grad]
+    ds = deepspeed_config(cfg, world)
+    ds["gradient_clipping"] = 0.0  # clipped by GuardedAdamW, which also skips non-finite norms
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    opt = GuardedAdamW(
+        params,
+        lr=t.lr,
+        betas=tuple(t.betas),
+        weight_decay=t.weight_decay,
+        max_norm=t.grad_clip,
+        partitioned=stage > 0,
+    )
+    # linear warm-up over train.warmup_steps optimizer steps, then constant (the released recipe
+    # uses none); DeepSpeed steps the schedule at every optimizer step
+    warm = max(t.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, lr_scheduler=sched, config=ds)
+    engine.vppo_guard = opt
+    return engine
