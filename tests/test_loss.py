@@ -2,8 +2,8 @@
 Triton in the interpreter and the chunked torch impl) against vppo.objective.reference_loss
 (naive materialized logits).
 
-Three-way rule (style.md): with ref32 the reference loss on fp32 copies of the inputs, the
-kernel path's error against ref32 is no worse than the same-dtype reference's error plus
+Three-way rule (docs/kernels.md section 4): with ref32 the reference loss on fp32 copies of the
+inputs, the kernel path's error against ref32 is no worse than the same-dtype reference's error plus
 TOL[dtype], for the loss value and for every gradient. In fp32 the same-dtype reference is
 ref32 itself, so the kernel path must match it to TOL[float32]. Errors are relative RMS errors.
 """
