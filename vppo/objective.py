@@ -284,7 +284,7 @@ def trajectory_alphas(
             total = torch.zeros(k, device=s.device).index_add_(0, chunk, n)
             count = torch.zeros(k, device=s.device).index_add_(0, chunk, valid.float())
             mean = (total / count.clamp_min(1))[chunk]
-        alpha = b_min + (1.0 - b_min) * n / (mean + 1e-8)  # the released formula, epsilon included
+        alpha = b_min + (1.0 - b_min) * (n / (mean + 1e-8))  # the released formula, epsilon included
     return torch.where(flat | ~valid, torch.ones_like(alpha), alpha)
 
 
