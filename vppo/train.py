@@ -43,8 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed import DeepSpeedEngine
 from torch import nn
 from tqdm import tqdm
+from transformers import ProcessorMixin
 
 from vppo import data as vdata
 from vppo import loss, objective
@@ -75,11 +77,11 @@ class Run:
     cfg: Config
     rank: int
     world: int
-    processor: object  # the Hugging Face processor of cfg.model.path
+    processor: ProcessorMixin  # the Hugging Face processor of cfg.model.path
     train_set: vdata.ProblemSet
     val_problems: list[vdata.Problem] | None
     hf: nn.Module
-    engine: object  # deepspeed.DeepSpeedEngine around vppo.model.Policy(hf)
+    engine: DeepSpeedEngine  # around vppo.model.Policy(hf)
     ref: nn.Module | None  # frozen reference policy (algo.kl_coef > 0)
     ids: TokenIds
     gen: GenSettings  # rollout sampling
