@@ -13,8 +13,9 @@ import torch
 
 from vppo.config import load_config
 from vppo.distributed import init_distributed
+from vppo.loss import LossOptions
 from vppo.model import build_engine, load_policy
-from vppo.train import loss_options, update
+from vppo.train import update
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     traj = traj.select((groups % world == rank).nonzero().squeeze(-1))
     hf = load_policy(cfg)
     engine = build_engine(cfg, hf, world)
-    steps = update(engine, traj, cfg, loss_options(cfg), ids, world)
+    steps = update(engine, traj, cfg, LossOptions.from_config(cfg), ids, world)
     import deepspeed
 
     params = list(engine.module.parameters())

@@ -57,6 +57,16 @@ class LossOptions:
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
+    @classmethod
+    def from_config(cls, cfg) -> LossOptions:
+        """From a vppo.config.Config: algo.* (the objective), rollout.temperature, train.impl."""
+        a = cfg.algo
+        objective = LossConfig(
+            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, entropy_coef=a.entropy_coef,
+            entropy_mode=a.entropy_mode, loss_agg=a.loss_agg, kl_coef=a.kl_coef,
+        )  # fmt: skip
+        return cls(objective, temperature=cfg.rollout.temperature, impl=cfg.train.impl)
+
 
 _DEFAULT = LossOptions()  # the released recipe at temperature 1
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from transformers import ProcessorMixin
 
 from vppo import data as vdata
-from vppo import loss, objective
+from vppo import loss, objective, spotlight
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, config_from_args, format_derived, save_resolved
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
@@ -98,23 +98,14 @@ class Run:
 def resolve_defaults(cfg: Config) -> None:
     """Fill model.path / data.train / data.val with the tiny base and the synthetic set."""
     if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
-        synth = ensure_synth_data()
+        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (default: the embedded one)
+        synth = ensure_synth_data(synth_cfg)
         if cfg.model.path is None:
-            cfg.model.path = str(ensure_tiny_model())
+            cfg.model.path = str(ensure_tiny_model(tiny_cfg))
         if cfg.data.train is None:
             cfg.data.train = str(synth / "train.parquet")
         if cfg.data.val is None:
             cfg.data.val = str(synth / "val.parquet")
-
-
-def loss_options(cfg: Config) -> loss.LossOptions:
-    """The options of every pass over a trajectory: the objective, the temperature, the impl."""
-    a = cfg.algo
-    objective_cfg = objective.LossConfig(
-        clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, entropy_coef=a.entropy_coef,
-        entropy_mode=a.entropy_mode, loss_agg=a.loss_agg, kl_coef=a.kl_coef,
-    )  # fmt: skip
-    return loss.LossOptions(objective_cfg, temperature=cfg.rollout.temperature, impl=cfg.train.impl)
 
 
 def setup(cfg: Config) -> Run:
@@ -163,7 +154,7 @@ def setup(cfg: Config) -> Run:
         cfg, rank, world, processor, train_set, val_problems, hf, engine, ref,
         ids=token_ids(hf, processor),
         gen=GenSettings(r.temperature, r.top_p, r.top_k, r.max_response_len),
-        opts=loss_options(cfg),
+        opts=loss.LossOptions.from_config(cfg),
         order=DataOrder(len(train_set), cfg.train.seed, d.shuffle),
         grader=Grader(),
         ckpt=CheckpointManager(run_dir, cfg.run.keep_last, rank=rank, world_size=world),
@@ -226,8 +217,9 @@ def prepare(run: Run, step: int) -> tuple[Trajectory, SampleInfo]:
         )  # fmt: skip
     traj.advantages = objective.group_advantages(traj.rewards, cfg.rollout.n, eps=a.adv_eps)
     if vppo_on and a.topk_ratio < 1.0:
+        sel = objective.selection_stats(traj, a.token_select, trajectory_seed(cfg.train.seed, step, run.rank, "tgf"))
         traj.token_mask = loss.tgf_token_mask(
-            traj, traj.response_mask, a.topk_ratio, kind=a.dependency, impl=run.opts.impl
+            sel, traj.response_mask, a.topk_ratio, kind=a.dependency, impl=run.opts.impl
         )
     return traj, info
 
