@@ -118,3 +118,49 @@ def test_config_is_checked():
         SynthConfig(n_val=0)
     with pytest.raises(ValueError, match="split"):
         make_split(SMALL, "dev")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the spotlight family: the ground-truth visual spans
+
+
+def test_spotlight_spans_are_the_values_read_off_the_image():
+    cfg = synth.VARIANTS["spotlight"]
+    rows = make_split(SynthConfig(tasks=cfg.tasks, n_train=150, n_val=1, n_test=1), "train")
+    assert Counter(r["task"] for r in rows) == {t: 50 for t in synth.SPOTLIGHT_TASKS}
+    for r in rows:
+        arr, resp = _pixels(r), r["response"]
+        spans = json.loads(r["visual_spans"])
+        assert len(spans) == 1 and spans == [list(s) for s in synth.visual_spans(r["task"], resp)]
+        ((a, b),) = spans
+        read = resp[a:b]
+        assert resp.endswith(f"\\boxed{{{r['answer']}}}") and resp.startswith("<think> ")
+        # the value read occurs again later (copied) but only the first occurrence is visual
+        assert resp.index(read) == a and resp.count(read) >= 2
+        if r["task"] == "count_add":
+            colour, k = re.search(r"How many (\w+) shapes are there\? Add (\d+)", r["problem"]).groups()
+            assert _components(_mask(arr, colour)) == int(read)
+            assert int(r["answer"]) == int(read) + int(k)
+        elif r["task"] == "colour_letters":
+            assert read in synth.LETTER_COLOURS and _mask(arr, read).sum() > 10
+            assert int(r["answer"]) == len(read)
+        else:
+            colour = re.search(r"tall is the (\w+) bar", r["problem"]).group(1)
+            rows_px = int(_mask(arr, colour).any(1).sum())
+            assert rows_px == int(read) * synth.UNIT
+            assert int(r["answer"]) == 2 * int(read)
+
+
+def test_visual_spans_on_free_text():
+    assert synth.visual_spans("count_add", "<think> there are 12 red shapes . 12 + 1") == [(18, 20)]
+    assert synth.visual_spans("count_add", "<think> 3 red </think>") is None  # off format
+    assert synth.visual_spans("colour", "<think> the circle is red") is None  # no ground truth
+    assert synth.visual_spans("colour_letters", "the square is blue . blue has 4") == [(14, 18)]
+
+
+def test_default_family_unchanged():
+    # the default set keeps its tasks, columns and bytes (its cache key and rows do not move)
+    assert SynthConfig().tasks == synth.TASKS and synth.VARIANTS["default"] == SynthConfig()
+    rows = make_split(SMALL, "val")
+    assert all("visual_spans" not in r for r in rows)
+    assert synth.synth_key(SynthConfig()) == synth.synth_key(SynthConfig(tasks=synth.TASKS))
