@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vppo import synth
 from vppo.data import IMAGE_PLACEHOLDER, PROMPT_SUFFIX, LoadStats, Problem, load_problems
 
 # Canonical key -> display name, in the column order of the paper's Table 1; "synth" last.
@@ -323,9 +324,7 @@ def _row_of(p: Problem) -> int:
 
 def load_synth() -> Benchmark:
     """The synthetic test split (built by vppo.synth on first use, in the cache)."""
-    from vppo.synth import ensure_synth_data
-
-    src = Path(ensure_synth_data()) / "test.parquet"
+    src = Path(synth.ensure_synth_data()) / "test.parquet"
     if not src.is_file():
         raise ValueError(f"benchmark synth: {src} does not exist (rebuild with python -m vppo.synth)")
     loaded = load_problems(src)

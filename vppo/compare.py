@@ -57,10 +57,10 @@ def markdown_table(runs: dict[str, list[dict]]) -> str:
 
 
 def plot_runs(runs: dict[str, list[dict]], out: str | Path, smooth: int = 10) -> Path:
-    import matplotlib
+    import matplotlib  # heavy: ~0.4 s, the plot only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for label, recs in runs.items():

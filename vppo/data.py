@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -260,7 +261,7 @@ def set_pixel_bounds(processor, min_pixels: int | None = None, max_pixels: int |
     Set on the image processor itself rather than passed per call (a deprecated path in transformers
     5), so generation and the scoring passes, which share the processor, resize images identically.
     """
-    from transformers.image_utils import SizeDict
+    from transformers.image_utils import SizeDict  # heavy: ~1 s
 
     ip = processor.image_processor
     lo = ip.size["shortest_edge"] if min_pixels is None else min_pixels
@@ -280,7 +281,7 @@ def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_p
     `min_pixels` / `max_pixels` default to the values saved with the processor; the released 7B recipe
     uses DEFAULT_MIN_PIXELS / DEFAULT_MAX_PIXELS.
     """
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor  # heavy: ~1.4 s
 
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     set_pixel_bounds(processor, min_pixels, max_pixels)
@@ -317,8 +318,8 @@ def _hub_offline(offline: bool) -> Iterator[None]:
     if not offline:
         yield
         return
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
+    import datasets.config  # heavy: ~0.4 s
+    import huggingface_hub.constants as hub_constants  # with datasets: HF env read at first use
 
     saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
     datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
@@ -354,8 +355,6 @@ def _split_files(folder: Path, split: str | None) -> list[Path]:
 
 def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tuple[Iterator[list[dict]], str]:
     """Row batches (lists of dicts) from any supported source, and a short name for messages."""
-    import pyarrow.parquet as pq
-
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         rows = list(source)
         if rows and not all(isinstance(r, dict) for r in rows):
@@ -381,7 +380,7 @@ def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tupl
             raise ValueError(f"source file {path} is not a .parquet file")
         return from_parquet([path]), path.name
     if path.is_dir():
-        import datasets
+        import datasets  # heavy: ~0.4 s, folder sources only
 
         if (path / "dataset_dict.json").exists():
             dd = datasets.load_from_disk(str(path))
@@ -397,7 +396,7 @@ def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tupl
     # A hub dataset name, optionally `name@split` as in EasyR1 configs.
     name, _, at_split = text.partition("@")
     split = at_split or split or "train"
-    import datasets
+    import datasets  # heavy: ~0.4 s, hub sources only
 
     try:
         with _hub_offline(not allow_download):

@@ -253,7 +253,7 @@ def resize_for_processor(
 ) -> Image.Image:
     """The image at the size the Qwen2-VL processor resizes it to (smart_resize, bicubic), RGB;
     processing the result again leaves its size unchanged."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # heavy: ~1.3 s
 
     image = image.convert("RGB")
     h, w = smart_resize(

@@ -48,6 +48,8 @@ reports how often the two agree, for the evaluation report.
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
 import logging
 import os
@@ -173,13 +175,13 @@ def _worker_main() -> None:
     """Read JSON lines [id, kind, pred, gt] from stdin, answer [id, score, error] on stdout."""
     mem_mb = int(os.environ.get("VPPO_GRADER_MEM_MB", "0"))
     if mem_mb > 0:
-        import resource
+        import resource  # in the worker process only
 
         resource.setrlimit(resource.RLIMIT_AS, (mem_mb << 20, mem_mb << 20))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if sys.platform.startswith("linux"):
         # Die with the parent: a worker stuck in sympy would never see its stdin close.
-        import ctypes
+        import ctypes  # in the worker process only
 
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -187,7 +189,7 @@ def _worker_main() -> None:
             pass
         if os.getppid() != int(os.environ.get("VPPO_GRADER_PARENT", os.getppid())):
             return  # the parent died before prctl took effect
-    from mathruler.grader import grade_answer
+    from mathruler.grader import grade_answer  # in the worker only: sympy, ~0.3 s
 
     out = sys.stdout
     out.write("ready\n")
@@ -209,7 +211,7 @@ def _worker_main() -> None:
 
 
 def _math_verify(response: str, gt: str) -> bool:
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # optional extra, in the worker
 
     # Our pool enforces the time limit; math-verify's own signal.alarm timeouts are switched off.
     gold = parse(f"${gt}$", parsing_timeout=None)
@@ -499,8 +501,6 @@ class Agreement:
 
 def agreement(responses: list[str], answers: list[str], grader: Grader) -> Agreement:
     """How often the boxed-answer grader and math-verify agree on these pairs."""
-    import importlib.util
-
     if importlib.util.find_spec("math_verify") is None:
         raise RuntimeError("math-verify is not installed: pip install 'vppo[verify]'")
     r, _ = grader.grade(responses, answers)
@@ -525,8 +525,6 @@ _default: Grader | None = None
 def default_grader() -> Grader:
     global _default
     if _default is None or _default._closed:
-        import atexit
-
         _default = Grader()
         atexit.register(_default.close)
     return _default

@@ -48,7 +48,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import jinja2
 import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import AddedToken, Qwen2Tokenizer
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from vppo import paths
 from vppo.data import (
@@ -109,11 +114,6 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     Same normaliser, pre-tokenizer (digits split one by one) and decoder as Qwen2; the Qwen2.5-VL
     special tokens take ids 0..13; eos <|im_end|>, pad <|endoftext|> as in Qwen2.5-VL-7B-Instruct.
     """
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from transformers import AddedToken, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
     bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
@@ -146,8 +146,6 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 def _corpus(problems: Sequence[Problem], suffix: str | None = PROMPT_SUFFIX) -> list[str]:
     """The texts the model will read: rendered prompts (chat template, suffix) and responses."""
-    import jinja2
-
     template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(CHAT_TEMPLATE)
     prompts = [
         template.render(messages=build_messages(p, suffix), add_generation_prompt=True) for p in problems
@@ -157,7 +155,7 @@ def _corpus(problems: Sequence[Problem], suffix: str | None = PROMPT_SUFFIX) -> 
 
 def build_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 84 * 84):
     """Qwen2_5_VLProcessor around `tokenizer`: Qwen2-VL image (and video) processor, patch 14, merge 2."""
-    from transformers import Qwen2_5_VLProcessor
+    from transformers import Qwen2_5_VLProcessor  # heavy: ~1.3 s (all three)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -223,7 +221,11 @@ class TinyConfig:
 
 def build_model(cfg: TinyConfig, tokenizer):
     """A randomly initialised Qwen2_5_VLForConditionalGeneration sized by `cfg`, ids from `tokenizer`."""
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (  # heavy: ~1.3 s, the model code
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     ids = tokenizer.convert_tokens_to_ids
     half = cfg.hidden_size // cfg.num_heads // 2
@@ -316,7 +318,7 @@ def _sft_batch(
 
 
 def _grade(response: str, answer: str) -> bool:
-    from mathruler.grader import extract_boxed_content, grade_answer
+    from mathruler.grader import extract_boxed_content, grade_answer  # heavy: sympy, ~0.3 s
 
     return grade_answer(extract_boxed_content(response), answer)
 

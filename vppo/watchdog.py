@@ -86,7 +86,7 @@ class PhaseTimer:
         self._nvtx = None
         if nvtx:
             try:
-                import nvtx as _nvtx
+                import nvtx as _nvtx  # optional, nvtx=True only
 
                 self._nvtx = _nvtx
             except ImportError:
