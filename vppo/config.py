@@ -29,6 +29,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -556,7 +557,7 @@ def _hub_cache() -> Path:
 def _model_cached(repo_id: str) -> bool | None:
     """Whether model repo_id is in the local hub cache; None when that cannot be told."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional probe; ~0.1 s
     except ImportError:
         return None
     try:
@@ -799,10 +800,8 @@ def resolve_attn_impl(name: str) -> str:
     """flash_attention_2 when requested and importable, else sdpa (with a warning)."""
     if name == "flash_attention_2":
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn  # noqa: F401  # optional extra
         except ImportError:
-            import warnings
-
             warnings.warn("flash-attn is not installed: falling back to sdpa attention", stacklevel=2)
             return "sdpa"
     return name
