@@ -11,6 +11,14 @@ image tokens after the 2 x 2 merge), each with difficulty mixed inside it:
 - number: a 1- or 2-digit number written at a random place, size and colour;
 - angle:  a triangle drawn with its true angles, two of them written at their corners, "the third
           angle?" (read two numbers, then subtract: meant to stay hard for a tiny model).
+The spotlight family (`--variant spotlight`, `data.synth=spotlight`; not part of the default set):
+- count_add:      count the shapes of one colour, then add a number given in the question;
+- colour_letters: the colour of one shape (red / blue / green / yellow), answered as its letter count;
+- bars_height:    the height of one bar in grid units (one 14-pixel patch row each), doubled.
+Each reference response reads one value off the image and then computes in text ("there are 4 red
+shapes . 4 + 3 = 7"); only the first occurrence of the value depends on the image, and its character
+span is recorded as `visual_spans` (JSON [[start, end]]); `visual_spans(task, text)` finds it in any
+response that follows the format (the policy's own), the ground truth of vppo.spotlight.
 Rows follow the VPPO training schema (`problem` with one `<image>`, `answer`, `images` as embedded
 PNG bytes) plus `id`, `task` and `response`, a target in the `<think> ... </think> \\boxed{...}` format
 for the supervised warm start. Everything is deterministic in the seed. The best text-only guess
@@ -24,6 +32,7 @@ import argparse
 import io
 import json
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -67,9 +76,11 @@ class SynthConfig:
     def __post_init__(self):
         if self.size % 28 or self.size < 56:
             raise ValueError(f"size must be a multiple of 28 and at least 56, got {self.size}")
-        unknown = set(self.tasks) - set(TASKS)
+        unknown = set(self.tasks) - set(TASKS) - set(SPOTLIGHT_TASKS)
         if not self.tasks or unknown:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+            raise ValueError(
+                f"tasks must be a non-empty subset of {TASKS + SPOTLIGHT_TASKS}, got {self.tasks}"
+            )
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -206,13 +217,108 @@ def _angle_task(rng, size):
     return img, question, answer, response
 
 
+# ----------------------------------------------------------------------------------------------------
+# The spotlight family: read one value off the image, then compute with it in text. Only the tokens
+# of the value read (the first time it is written) depend on the image; the rest of the chain
+# (copying the value, the arithmetic, the answer) follows from the question and the response so far.
+# Each maker returns a fifth item, the character spans of the reference response read off the image.
+
+LETTER_COLOURS = ("red", "blue", "green", "yellow")  # 3, 4, 5, 6 letters: the answer names the colour
+UNIT = 14  # bars_height: one unit of height = one 14-pixel patch row, marked by grid lines
+
+
+def _count_add_task(rng, size):
+    name = str(rng.choice(list(COLOURS)))
+    n = int(rng.integers(1, 6))
+    k = int(rng.integers(1, 5))
+    others = [c for c in COLOURS if c != name]
+    n_distract = 0 if rng.random() < 0.5 else int(rng.integers(1, 4))
+    distract = [str(c) for c in rng.choice(others, size=n_distract)]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = size // 3
+    for (x, y), c in zip(_cells(rng, size, n + len(distract), cell), [name] * n + distract):
+        s = int(rng.integers(cell // 2, cell - 4))
+        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
+        _shape(draw, str(rng.choice(KINDS)), (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[c])
+    question = f"How many {name} shapes are there? Add {k} to that count."
+    head = "<think> there are "
+    response = f"{head}{n} {name} shapes . {n} + {k} = {n + k} </think> \\boxed{{{n + k}}}"
+    return img, question, str(n + k), response, [(len(head), len(head) + len(str(n)))]
+
+
+def _colour_letters_task(rng, size):
+    n = 1 if rng.random() < 0.5 else int(rng.integers(2, 4))
+    kinds = [str(k) for k in rng.choice(KINDS, size=n, replace=False)]
+    names = [str(c) for c in rng.choice(LETTER_COLOURS, size=n, replace=False)]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = size // 2
+    for (x, y), kind, name in zip(_cells(rng, size, n, cell), kinds, names):
+        s = int(rng.integers(cell // 2, cell - 3))
+        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
+        _shape(draw, kind, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[name])
+    target = int(rng.integers(n))
+    kind, colour = kinds[target], names[target]
+    answer = str(len(colour))
+    question = f"What colour is the {kind}? Answer with the number of letters of that colour."
+    head = f"<think> the {kind} is "
+    response = f"{head}{colour} . {colour} has {answer} letters </think> \\boxed{{{answer}}}"
+    return img, question, answer, response, [(len(head), len(head) + len(colour))]
+
+
+def _bars_height_task(rng, size):
+    k = int(rng.integers(2, 4))
+    names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
+    heights = [int(h) for h in rng.integers(1, 6, size=k)]  # units of UNIT pixels
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    bottom = size - 4
+    for u in range(1, 6):  # faint grid lines at every unit
+        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
+    width = (size - 8) // k
+    for i, (name, h) in enumerate(zip(names, heights)):
+        x0 = 4 + i * width
+        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    target = int(rng.integers(k))
+    name, h = names[target], heights[target]
+    question = f"How many grid units tall is the {name} bar? Double it."
+    head = f"<think> the {name} bar is "
+    response = f"{head}{h} units . {h} * 2 = {2 * h} </think> \\boxed{{{2 * h}}}"
+    return img, question, str(2 * h), response, [(len(head), len(head) + len(str(h)))]
+
+
 MAKERS = {
     "colour": _colour_task,
     "count": _count_task,
     "bars": _bars_task,
     "number": _number_task,
     "angle": _angle_task,
+    "count_add": _count_add_task,
+    "colour_letters": _colour_letters_task,
+    "bars_height": _bars_height_task,
 }
+SPOTLIGHT_TASKS = ("count_add", "colour_letters", "bars_height")
+# How a response written in the reference format shows the value read off the image (group 1): finds
+# the ground-truth visual span in the policy's own responses, which need not match the reference.
+VISUAL_PATTERNS = {
+    "count_add": re.compile(r"there are (\d+) "),
+    "colour_letters": re.compile(r"the \w+ is (\w+)"),
+    "bars_height": re.compile(r"bar is (\d+) "),
+}
+VARIANTS = {
+    "default": SynthConfig(),
+    "spotlight": SynthConfig(tasks=SPOTLIGHT_TASKS),
+}
+
+
+def visual_spans(task: str, text: str) -> list[tuple[int, int]] | None:
+    """Character spans of `text` (a response to a `task` problem) that were read off the image: the
+    first value written in the reasoning. None when the task has no known spans or the response does
+    not follow the format (then nothing in it is known to be visual)."""
+    pattern = VISUAL_PATTERNS.get(task)
+    m = pattern.search(text) if pattern is not None else None
+    return [m.span(1)] if m else None
 
 
 def _png(img: Image.Image) -> bytes:
@@ -230,17 +336,18 @@ def make_split(cfg: SynthConfig, split: str) -> list[dict]:
     rows = []
     for i in range(n):
         task = cfg.tasks[i % len(cfg.tasks)]
-        img, question, answer, response = MAKERS[task](rng, cfg.size)
-        rows.append(
-            {
-                "id": f"{split}-{i}",
-                "problem": f"<image>{question}",
-                "answer": answer,
-                "images": [{"bytes": _png(img), "path": None}],
-                "task": task,
-                "response": response,
-            }
-        )
+        img, question, answer, response, *spans = MAKERS[task](rng, cfg.size)
+        row = {
+            "id": f"{split}-{i}",
+            "problem": f"<image>{question}",
+            "answer": answer,
+            "images": [{"bytes": _png(img), "path": None}],
+            "task": task,
+            "response": response,
+        }
+        if spans:  # the spotlight family: [[start, end], ...] of `response` read off the image
+            row["visual_spans"] = json.dumps([list(s) for s in spans[0]])
+        rows.append(row)
     return rows
 
 
@@ -293,12 +400,16 @@ def ensure_synth_data(cfg: SynthConfig | None = None, root: str | Path | None = 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write here instead of the cache folder")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="the task family")
     ap.add_argument("--seed", type=int, default=SynthConfig.seed)
     ap.add_argument("--n-train", type=int, default=SynthConfig.n_train)
     ap.add_argument("--n-val", type=int, default=SynthConfig.n_val)
     ap.add_argument("--n-test", type=int, default=SynthConfig.n_test)
     args = ap.parse_args(argv)
-    cfg = SynthConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    cfg = SynthConfig(
+        seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+        tasks=VARIANTS[args.variant].tasks,
+    )  # fmt: skip
     if args.out:
         write_synth(cfg, args.out)
         out = Path(args.out)
