@@ -150,6 +150,19 @@ class TrainConfig:
     seed: int = _f(1, "seed of data order, sampling and perturbations")
     deepspeed: str | None = _f(None, "DeepSpeed JSON (configs/ds_*.json); null = ZeRO-0 with model.dtype")
     impl: Literal["auto", "triton", "torch"] = _f("auto", "kernel implementation")
+    packing: bool = _f(False, "padding-free passes: a micro-batch's rows as one sequence (vppo.packing)")
+    max_tokens_per_micro: int | None = _f(
+        None,
+        "token budget of a micro-batch (scoring and update, rows filled by token count; same count on "
+        "every rank); null = micro_batch / logprob_micro_batch rows",
+    )
+    balance_batch: bool = _f(
+        False,
+        "Karmarkar-Karp partition of each mini-batch's rows across ranks by length before the update "
+        "(released _balance_batch): groups split across ranks, so per-rank TAS (shaping=released) sees the "
+        "balanced partition",
+    )
+
 
 
 @dataclass
@@ -449,6 +462,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     )
     if t.total_steps is not None:
         _check(t.total_steps >= 1, "train.total_steps", "must be >= 1 or null", t.total_steps)
+    if t.max_tokens_per_micro is not None:
+        _check(t.max_tokens_per_micro >= 1, "train.max_tokens_per_micro", "must be >= 1 or null",
+               t.max_tokens_per_micro)  # fmt: skip
     for key, v in [("rollout.temperature", r.temperature), ("rollout.val_temperature", r.val_temperature)]:
         _check(v > 0, key, "must be > 0", v)
     for key, v in [("rollout.top_p", r.top_p), ("rollout.val_top_p", r.val_top_p)]:

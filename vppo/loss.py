@@ -29,6 +29,7 @@ from functools import partial
 import torch
 
 import kernels
+from vppo import packing
 from vppo.objective import LossConfig, dependency_scores, policy_loss
 from vppo.rollout import model_inputs, response_hidden
 from vppo.trajectory import Trajectory
@@ -227,28 +228,46 @@ def token_stats(
 
 @torch.no_grad()
 def score(
-    hf, traj: Trajectory, opts: LossOptions, *, ids, micro: int, dependency: bool, ref=None
+    hf,
+    traj: Trajectory,
+    opts: LossOptions,
+    *,
+    ids,
+    micro: int,
+    dependency: bool,
+    ref=None,
+    packed: bool = False,
+    max_tokens: int | None = None,
+    reduce=None,
 ) -> Trajectory:
     """Fill traj.old_logp and traj.entropy (with dependency=True also traj.kl and traj.k3, from the
     clean and the perturbed pass; with a reference model traj.ref_logp), micro rows at a time.
 
     hf / ref: models whose lm_head is a `vppo.model.FusedLMHead`; ids: `vppo.tokens.TokenIds`.
     Returns traj, its fields [B, R] float32 on the CPU with zeros at invalid positions.
+    packed: each micro-batch's rows as one packed sequence (`vppo.packing`); max_tokens: micro-batches
+    filled by token count instead (`vppo.packing.micro_batches`, `reduce` agrees on their number).
     """
+
+    def rows_of(model, inputs, mask):  # (N, H) hidden states predicting the valid response tokens
+        if packed:
+            return packing.packed_hidden(model, packing.pack(model, inputs, mask, traj.prompt_len))
+        h = response_hidden(model, inputs, traj.prompt_len)
+        return h[mask.to(h.device)]
+
     parts: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, len(traj), micro):
-        part = traj.select(range(s, min(s + micro, len(traj))))
+    for idx in packing.micro_batches(traj, micro, max_tokens, packed=packed, reduce=reduce):
+        part = traj.select(idx)
         inputs = model_inputs(part, vision_ids=ids.vision, pad_id=ids.pad)
-        h = response_hidden(hf, inputs, traj.prompt_len)
-        rows = part.response_mask.to(h.device)
-        h, y = h[rows], part.responses.to(h.device)[rows]  # (N, H), (N,): response positions only
+        h = rows_of(hf, inputs, part.response_mask)
+        y = part.responses.to(h.device)[part.response_mask.to(h.device)]  # (N,) response tokens only
         hm = None
         if dependency:
             masked = model_inputs(part, masked=True, vision_ids=ids.vision, pad_id=ids.pad)
-            hm = response_hidden(hf, masked, traj.prompt_len)[rows]
+            hm = rows_of(hf, masked, part.response_mask)
         vals = hf.lm_head(h, partial(token_stats, labels=y, opts=opts, masked=hm))
         if ref is not None:
-            hr = response_hidden(ref, inputs, traj.prompt_len)[rows]
+            hr = rows_of(ref, inputs, part.response_mask)
             vals["ref_logp"] = ref.lm_head(hr, partial(token_stats, labels=y, opts=opts))["old_logp"]
         for k, v in vals.items():
             parts.setdefault(k, []).append(v.float().cpu())

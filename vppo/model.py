@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from vppo.config import Config, deepspeed_config, resolve_attn_impl
 from vppo.distributed import all_reduce
+from vppo.packing import Packed, packed_hidden
 from vppo.rollout import response_hidden
 
 
@@ -41,13 +42,17 @@ class FusedLMHead(nn.Linear):
 
 
 class Policy(nn.Module):
-    """What DeepSpeed wraps: forward(inputs, prompt_len, fn) -> fn(response hidden states, weight)."""
+    """What DeepSpeed wraps: forward(inputs, prompt_len, fn) -> fn(response hidden states, weight);
+    inputs a `vppo.rollout.model_inputs` dict ((b, R, H) hidden states) or a `vppo.packing.Packed`
+    ((N, H) rows at the valid response positions)."""
 
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf
 
     def forward(self, inputs: dict, prompt_len: int, fn: Callable):
+        if isinstance(inputs, Packed):
+            return self.hf.lm_head(packed_hidden(self.hf, inputs), fn)  # (N, H)
         hidden = response_hidden(self.hf, inputs, prompt_len)  # (b, R, H)
         return self.hf.lm_head(hidden, fn)
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from transformers import ProcessorMixin
 
 from vppo import data as vdata
-from vppo import loss, objective, spotlight
+from vppo import loss, objective, packing, spotlight
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, config_from_args, format_derived, save_resolved
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
@@ -59,7 +59,7 @@ from vppo.metrics import Metrics
 from vppo.model import build_engine, load_policy
 from vppo.perturb import PerturbSpec, perturb_pixel_values, trajectory_seed
 from vppo.reward import Grader
-from vppo.rollout import GenSettings, model_inputs
+from vppo.rollout import GenSettings
 from vppo.sampling import DataOrder, SampleInfo, sample_batch
 from vppo.synth import ensure_synth_data
 from vppo.tiny import ensure_tiny_model
@@ -213,7 +213,7 @@ def prepare(run: Run, step: int) -> tuple[Trajectory, SampleInfo]:
     with timer.phase("score"):
         loss.score(
             run.hf, traj, run.opts, ids=run.ids, micro=cfg.train.logprob_micro_batch, dependency=vppo_on,
-            ref=run.ref,
+            ref=run.ref, **packing.pass_options(cfg.train, all_reduce),
         )  # fmt: skip
     traj.advantages = objective.group_advantages(traj.rewards, cfg.rollout.n, eps=a.adv_eps)
     if vppo_on and a.topk_ratio < 1.0:
@@ -246,32 +246,35 @@ def update(
     engine, traj: Trajectory, cfg: Config, opts: loss.LossOptions, ids: TokenIds, world: int
 ) -> list[dict]:
     """ppo_epochs passes of optimizer steps over one rank's scored batch; returns per-step stats."""
-    micro, gas = cfg.train.micro_batch, engine.gradient_accumulation_steps()
+    t, micro, gas = cfg.train, cfg.train.micro_batch, engine.gradient_accumulation_steps()
     per_step = cfg.train.global_batch * cfg.rollout.n // world
     by_token = opts.objective.loss_agg == "token"
     steps = []
     for _ in range(cfg.train.ppo_epochs):
         for m0 in range(0, len(traj), per_step):
             mb = traj.select(range(m0, m0 + per_step))
+            if t.balance_batch:  # the same global mini-batch, its rows re-partitioned by length
+                mb = packing.balance(mb, world, ids.pad)
             adv, alpha = shape(cfg, mb)
             # the normaliser of this optimizer step: tokens (or sequences) over all ranks
             unit = lambda m: m.sum() if by_token else m.any(-1).sum()  # noqa: E731
             total = int(all_reduce(unit(mb.response_mask).double().reshape(1))[0])
             agg, step_loss = [], 0.0
-            for s in range(0, per_step, micro):
-                part = mb.select(range(s, s + micro))
+            parts = packing.micro_batches(mb, micro, **packing.pass_options(t, all_reduce))
+            for k, idx in enumerate(parts):
+                part = mb.select(idx)
                 # DeepSpeed divides by the accumulation steps even with scale_wrt_gas=False (0.19's
                 # output hook), so the loss carries a factor gas that its documented division removes:
                 # the gradients sum to the global token mean whatever the micro-batch size
                 scale = objective.loss_scale(int(unit(part.response_mask)), total, world) * gas
                 fn = partial(
                     loss.vppo_loss_linear, labels=part.responses, old_logp=part.old_logp,
-                    advantages=adv[s : s + micro], token_mask=part.token_mask,
+                    advantages=adv[idx], token_mask=part.token_mask,
                     response_mask=part.response_mask, opts=opts, ref_logp=part.ref_logp, loss_scale=scale,
                 )  # fmt: skip
-                out, stats = engine(
-                    model_inputs(part, vision_ids=ids.vision, pad_id=ids.pad), part.prompt_len, fn
-                )
+                packing.set_boundary(engine, k, len(parts), t.max_tokens_per_micro)
+                inputs = packing.update_inputs(engine.module.hf, part, ids, t.packing)  # padded or packed
+                out, stats = engine(inputs, part.prompt_len, fn)
                 engine.backward(out)
                 engine.step()
                 step_loss += float(out.detach()) / gas
@@ -286,6 +289,7 @@ def update(
                     "lr": guard.last_lr,
                     "skipped": guard.last_skipped,
                     "alpha_mean": float(alpha.mean()),
+                    "pad_frac_update": packing.pad_fraction(mb, t.packing),
                 }
             )
     return steps
@@ -306,6 +310,7 @@ def train_step(run: Run, step: int) -> dict:
         "response_len": float(valid.sum(-1).float().mean()),
         "entropy": float(traj.entropy[valid].mean()),
         "kept_frac": float(traj.token_mask[valid].float().mean()) if traj.token_mask is not None else 1.0,
+        "pad_frac_score": packing.pad_fraction(traj, run.cfg.train.packing),
         "tries": info.tries,
         "dropped_groups": info.dropped_groups,
         "skipped_steps": sum(s["skipped"] for s in steps),
