@@ -78,6 +78,10 @@ class DataConfig:
     max_prompt_len: int = _f(512, "prompt tokens after image expansion; longer prompts are dropped")
     strict: bool = _f(False, "stop on a broken row instead of skipping it")
     shuffle: bool = _f(True, "shuffle the training set each epoch (seeded)")
+    synth: Literal["default", "spotlight"] = _f(
+        "default", "the synthetic task family used when data.train / data.val / model.path are null "
+        "(spotlight: read one value off the image, then compute; vppo.spotlight)"
+    )  # fmt: skip
 
 
 @dataclass
@@ -115,6 +119,9 @@ class AlgoConfig:
     blur_radius: float = _f(6.0, "blur: Gaussian blur radius (std) in pixels")
     grey_value: int = _f(128, "grey: the uniform grey level 0..255")
     topk_ratio: float = _f(0.4, "TGF: fraction k of response tokens kept (ceil(k*L)); 1.0 = TGF off")
+    token_select: Literal["dependency", "random", "entropy"] = _f(
+        "dependency", "TGF scores: dependency (VPPO), random (seeded), entropy (ablations)"
+    )
     shaping: Literal["none", "released", "global", "static"] = _f(
         "released",
         "TAS: none | released (per-rank mini-batch min/max, dynamic b_max per micro-batch) | "
@@ -486,6 +493,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
 
     _check(0 < a.topk_ratio <= 1, "algo.topk_ratio", "must be in (0, 1]", a.topk_ratio)
+    _check(a.token_select == "dependency" or (a.name == "vppo" and a.topk_ratio < 1), "algo.token_select",
+           "selects TGF tokens: needs algo.name=vppo and algo.topk_ratio < 1", a.token_select)  # fmt: skip
     _check(0 <= a.patch_prob <= 1, "algo.patch_prob", "must be in [0, 1]", a.patch_prob)
     _check(a.noise_sigma >= 0, "algo.noise_sigma", "must be >= 0", a.noise_sigma)
     _check(a.blur_radius >= 0, "algo.blur_radius", "must be >= 0", a.blur_radius)

@@ -196,6 +196,33 @@ def dependency_scores(stats, kind: str = "k3") -> torch.Tensor:
     return getattr(stats, kind)
 
 
+TOKEN_SELECTS = ("dependency", "random", "entropy")
+
+
+class _Scores:
+    """A TokenStats-like view whose dependency fields both hold `scores` (for vppo.loss.tgf_token_mask)."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.kl = self.k3 = scores
+
+
+def selection_stats(traj, select: str = "dependency", seed: int = 0):
+    """What TGF ranks tokens by: `traj` itself for "dependency" (its kl / k3), else a stand-in whose
+    kl and k3 are i.i.d. uniform scores from a generator seeded by `seed` ("random", the paper's
+    random-token ablation) or the clean pass's exact entropy ("entropy", the high-entropy-token
+    selection of the ablations). traj: anything with .entropy and .response_mask ([B, T])."""
+    if select not in TOKEN_SELECTS:
+        raise ValueError(f"select must be one of {TOKEN_SELECTS}, got {select!r}")
+    if select == "dependency":
+        return traj
+    if select == "entropy":
+        if traj.entropy is None:
+            raise ValueError("select='entropy' needs the scoring pass's entropy")
+        return _Scores(traj.entropy.float())
+    gen = torch.Generator().manual_seed(int(seed) % (2**63))
+    return _Scores(torch.rand(traj.response_mask.shape, generator=gen).to(traj.response_mask.device))
+
+
 def trajectory_scores(dep: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sbar_i = mean of dep over the valid tokens of row i; 0 for a response of length 0.
 

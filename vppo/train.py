@@ -98,7 +98,7 @@ class Run:
 def resolve_defaults(cfg: Config) -> None:
     """Fill model.path / data.train / data.val with the tiny base and the synthetic set."""
     if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
-        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (default: the embedded one)
+        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (data.synth)
         synth = ensure_synth_data(synth_cfg)
         if cfg.model.path is None:
             cfg.model.path = str(ensure_tiny_model(tiny_cfg))
@@ -217,7 +217,8 @@ def prepare(run: Run, step: int) -> tuple[Trajectory, SampleInfo]:
         )  # fmt: skip
     traj.advantages = objective.group_advantages(traj.rewards, cfg.rollout.n, eps=a.adv_eps)
     if vppo_on and a.topk_ratio < 1.0:
-        sel = objective.selection_stats(traj, a.token_select, trajectory_seed(cfg.train.seed, step, run.rank, "tgf"))
+        tgf_seed = trajectory_seed(cfg.train.seed, step, run.rank, "tgf")  # token_select=random
+        sel = objective.selection_stats(traj, a.token_select, tgf_seed)
         traj.token_mask = loss.tgf_token_mask(
             sel, traj.response_mask, a.topk_ratio, kind=a.dependency, impl=run.opts.impl
         )

@@ -1,0 +1,548 @@
+"""Arms x seeds of the one training loop at an equal budget, evaluated, tabulated and plotted.
+
+    python -m vppo.sweep                          # the full sweep (7 arms x 3 seeds, spotlight set)
+    python -m vppo.sweep --arms grpo,vppo --seeds 1
+    python -m vppo.sweep --quick                  # CI: two arms, one seed, a few steps
+    python -m vppo.sweep --aggregate-only         # the table and curves from docs/sweep/raw/*.json
+
+Each run is `python -m vppo.train` in its own process (run.resume=auto: a killed sweep continues from
+the newest checkpoint of the unfinished run; finished runs, evaluations and diagnostics are skipped),
+then `python -m vppo.eval` on its export (test avg@n on the synthetic test split; the evaluation's
+own cache makes it resumable too) and `python -m vppo.spotlight` (dependency precision / recall
+against the ground-truth visual tokens, and a picture). Every finished run writes one raw JSON
+(RESULTS/raw/<arm>_s<seed>.json: its validation curve, rewards, generations, test accuracy per task,
+spotlight summary); `aggregate` rebuilds RESULTS/table.md, RESULTS/summary.json and
+RESULTS/curves.png (mean over seeds with a +-1 std band) from those files alone.
+
+Arms (docs: README, "Spotlight sweep"), all on the same steps, prompts per step and samples per prompt:
+  grpo       GRPO: symmetric clip 0.2, no online filtering
+  dapo       DAPO: clip-higher 0.28, dynamic sampling (online filtering; more generations per step)
+  vppo       VPPO on the DAPO base: + TAS (released shaping) + TGF (top 40 % tokens by k3 dependency)
+  tas_only   DAPO + TAS
+  tgf_only   DAPO + TGF
+  random40   DAPO + 40 % of tokens chosen at random (seeded)
+  entropy40  DAPO + the 40 % highest-entropy tokens
+Everything else (lr, entropy penalty 0.06, token-mean loss, dual clip) is the tiny default's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vppo.paths import REPO_ROOT
+
+DAPO = ["rollout.online_filter=true", "algo.clip_high=0.28"]
+NO_DEP = ["algo.shaping=none", "algo.topk_ratio=1.0"]
+ARMS: dict[str, list[str]] = {
+    "grpo": ["algo.name=grpo", *NO_DEP, "algo.clip_high=0.2", "rollout.online_filter=false"],
+    "dapo": ["algo.name=dapo", *NO_DEP, *DAPO],
+    "vppo": ["algo.name=vppo", "algo.shaping=released", "algo.topk_ratio=0.4", *DAPO],
+    "tas_only": ["algo.name=vppo", "algo.shaping=released", "algo.topk_ratio=1.0", *DAPO],
+    "tgf_only": ["algo.name=vppo", "algo.shaping=none", "algo.topk_ratio=0.4", *DAPO],
+    "random40": [
+        "algo.name=vppo",
+        "algo.shaping=none",
+        "algo.topk_ratio=0.4",
+        "algo.token_select=random",
+        *DAPO,
+    ],
+    "entropy40": [
+        "algo.name=vppo",
+        "algo.shaping=none",
+        "algo.topk_ratio=0.4",
+        "algo.token_select=entropy",
+        *DAPO,
+    ],
+}
+LABELS = {
+    "grpo": "GRPO",
+    "dapo": "DAPO",
+    "vppo": "VPPO",
+    "tas_only": "TAS only",
+    "tgf_only": "TGF only",
+    "random40": "random 40 %",
+    "entropy40": "entropy 40 %",
+}
+DONE = "SWEEP_DONE"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The equal budget of every run (and its evaluation)."""
+
+    steps: int = 50
+    prompts: int = 16  # rollout.rollout_batch_size
+    n: int = 8  # rollout.n
+    global_batch: int = 8  # prompts per optimizer step: two optimizer steps per rollout batch
+    val_every: int = 10
+    val_samples: int = 64
+    val_n: int = 4
+    save_every: int = 5
+    eval_samples: int = 8  # test avg@n
+    eval_limit: int | None = None  # first N test problems (None: all)
+    spot_problems: int = 48  # spotlight diagnostic: first N test problems ...
+    spot_samples: int = 2  # ... x responses each
+
+    def overrides(self) -> list[str]:
+        return [
+            f"train.total_steps={self.steps}",
+            f"rollout.rollout_batch_size={self.prompts}",
+            f"rollout.n={self.n}",
+            f"train.global_batch={self.global_batch}",
+            f"run.val_every={self.val_every}",
+            f"run.val_samples={self.val_samples}",
+            f"rollout.val_n={self.val_n}",
+            f"run.save_every={self.save_every}",
+            "run.keep_last=1",
+            "run.tensorboard=false",
+            f"run.plot_every={max(self.steps, 1)}",
+        ]
+
+
+QUICK = Budget(
+    steps=2,
+    prompts=2,
+    n=4,
+    global_batch=2,
+    val_every=1,
+    val_samples=2,
+    val_n=2,
+    save_every=1,
+    eval_samples=2,
+    eval_limit=4,
+    spot_problems=2,
+    spot_samples=1,
+)
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        VPPO_TINY_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=REPO_ROOT)
+    if r.returncode:
+        raise RuntimeError(f"{cmd[2]} failed (exit {r.returncode}); see {log}")
+
+
+@dataclass
+class Sweep:
+    out: Path  # run folders (outside git)
+    results: Path  # raw JSON, table, curves (docs/sweep)
+    budget: Budget
+    extra: tuple[str, ...] = ()  # overrides applied to every arm (after the arm's)
+    model: str | None = None  # explicit model / data (tests); default: the spotlight variant
+    data: str | None = None
+    threads: int = 1
+    python: str = sys.executable
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.out / arm / f"seed{seed}"
+
+    def data_dir(self) -> Path:
+        if self.data is not None:
+            return Path(self.data)
+        from vppo.spotlight import variant
+        from vppo.synth import ensure_synth_data
+
+        return Path(ensure_synth_data(variant("spotlight")[0]))
+
+    def overrides(self, arm: str, seed: int) -> list[str]:
+        src = ["data.synth=spotlight"]
+        if self.model is not None:
+            src.append(f"model.path={self.model}")
+        if self.data is not None:
+            src += [
+                f"data.train={Path(self.data) / 'train.parquet'}",
+                f"data.val={Path(self.data) / 'val.parquet'}",
+            ]
+        return [
+            *src,
+            *self.budget.overrides(),
+            *ARMS[arm],
+            f"train.seed={seed}",
+            f"run.output_dir={self.run_dir(arm, seed)}",
+            "run.resume=auto",
+            *self.extra,
+        ]
+
+    def _eval_data(self) -> Path:
+        """A folder holding the test split as synth.parquet (how vppo.eval takes a parquet benchmark)."""
+        d = self.out / "_eval_data"
+        d.mkdir(parents=True, exist_ok=True)
+        link = d / "synth.parquet"
+        target = (self.data_dir() / "test.parquet").resolve()
+        if not link.exists() or link.resolve() != target:
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+        return d
+
+    def run_one(self, arm: str, seed: int) -> dict:
+        """Train, evaluate, diagnose one (arm, seed), each phase skipped when already done."""
+        rd = self.run_dir(arm, seed)
+        log, b = rd / "sweep.log", self.budget
+        times = _read_json(rd / "sweep_times.json") or {}
+        if not (rd / DONE).exists():
+            t0 = time.time()
+            _run([self.python, "-m", "vppo.train", *self.overrides(arm, seed)], log, self.threads)
+            times["train_s"] = times.get("train_s", 0) + time.time() - t0
+            (rd / DONE).write_text("trained\n")
+            _write_json(rd / "sweep_times.json", times)
+        if not (rd / "eval" / "manifest.json").exists():
+            t0 = time.time()
+            cmd = [
+                self.python,
+                "-m",
+                "vppo.eval",
+                "--model",
+                str(rd / "export"),
+                "--benchmarks",
+                "synth",
+                "--data-dir",
+                str(self._eval_data()),
+                "--samples",
+                str(b.eval_samples),
+                "--out",
+                str(rd / "eval"),
+                "--threads",
+                str(self.threads),
+                "--no-progress",
+                "--batch-size",
+                "16",
+            ]
+            if b.eval_limit:
+                cmd += ["--limit", str(b.eval_limit)]
+            _run(cmd, log, self.threads)
+            times["eval_s"] = time.time() - t0
+            _write_json(rd / "sweep_times.json", times)
+        if not (rd / "spotlight" / "spotlight.json").exists():
+            t0 = time.time()
+            cmd = [
+                self.python,
+                "-m",
+                "vppo.spotlight",
+                "--model",
+                str(rd / "export"),
+                "--out",
+                str(rd / "spotlight"),
+                "--data",
+                str(self.data_dir() / "test.parquet"),
+                "--problems",
+                str(b.spot_problems),
+                "--samples",
+                str(b.spot_samples),
+                "--threads",
+                str(self.threads),
+                "--seed",
+                str(seed),
+            ]
+            _run(cmd, log, self.threads)
+            times["spotlight_s"] = time.time() - t0
+            _write_json(rd / "sweep_times.json", times)
+        raw = collect(rd, arm, seed, self.overrides(arm, seed), b, self.data_dir() / "test.parquet")
+        raw["seconds"] = {k: round(v, 1) for k, v in times.items()}
+        _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
+        return raw
+
+    def run(self, arms: list[str], seeds: list[int]) -> dict:
+        """Seed-major order (every arm of seed 1, then seed 2, ...): a partial sweep has whole seeds."""
+        self.results.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            self.results / "budget.json",
+            {
+                **asdict(self.budget),
+                "arms": {a: ARMS[a] for a in arms},
+                "seeds": seeds,
+                "extra": list(self.extra),
+            },
+        )
+        failed: list[tuple[str, int]] = []
+        for seed in seeds:
+            for arm in arms:
+                t0 = time.time()
+                print(f"[sweep] {arm} seed {seed} ...", flush=True)
+                try:
+                    raw = self.run_one(arm, seed)
+                except RuntimeError as e:  # one broken run does not stop the sweep; a rerun resumes it
+                    print(f"[sweep] {arm} seed {seed} FAILED: {e}", flush=True)
+                    failed.append((arm, seed))
+                    continue
+                acc = raw["test"]["accuracy"]
+                print(
+                    f"[sweep] {arm} seed {seed}: test avg@{self.budget.eval_samples} {100 * acc:.1f} "
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
+                aggregate(self.results)
+        if failed:
+            print(f"[sweep] failed runs (rerun the same command to resume them): {failed}", flush=True)
+        return aggregate(self.results)
+
+
+def _read_json(p: Path):
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _write_json(p: Path, obj) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, p)
+
+
+def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget, test_parquet: Path) -> dict:
+    """The raw result of one finished run folder (small: committed under docs/sweep/raw/)."""
+    import pyarrow.parquet as pq
+
+    recs = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in recs if "reward" in r]
+    curve = [
+        {"step": r["step"], "val_accuracy": r["val_accuracy"], "val_stderr": r.get("val_stderr")}
+        for r in recs
+        if "val_accuracy" in r
+    ]
+    per_step = budget.prompts * budget.n
+    tries = sum(r.get("tries", 1) for r in steps)
+    manifest = json.loads((rd / "eval" / "manifest.json").read_text())
+    res = manifest["results"]["benchmarks"]["synth"]
+    samples = json.loads((rd / "eval" / "samples.json").read_text())["synth"]
+    tasks = pq.read_table(test_parquet, columns=["task"]).column("task").to_pylist()
+    per_task: dict[str, list[float]] = {}
+    for s in samples:
+        per_task.setdefault(tasks[s["index"]], []).append(s["score"])
+    spot = _read_json(rd / "spotlight" / "spotlight.json") or {}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "overrides": overrides,
+        "curve": curve,
+        "reward": [round(r["reward"], 4) for r in steps],
+        "kept_frac": [round(r.get("kept_frac", 1.0), 4) for r in steps],
+        "steps": len(steps),
+        "generated_samples": tries * per_step,
+        "trained_samples": len(steps) * per_step,
+        "test": {
+            "accuracy": res["accuracy"],
+            "stderr": res["stderr"],
+            "problems": res["problems"],
+            "samples": res["samples"],
+            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+        },
+        "spotlight": spot.get("summary", {}),
+    }
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def load_raw(results: Path) -> dict[str, list[dict]]:
+    by_arm: dict[str, list[dict]] = {}
+    for p in sorted((Path(results) / "raw").glob("*.json")):
+        r = json.loads(p.read_text())
+        by_arm.setdefault(r["arm"], []).append(r)
+    order = [a for a in ARMS if a in by_arm] + sorted(a for a in by_arm if a not in ARMS)
+    return {a: sorted(by_arm[a], key=lambda r: r["seed"]) for a in order}
+
+
+def aggregate(results: str | Path, plot: bool = True) -> dict:
+    """table.md, summary.json (and curves.png) of RESULTS from RESULTS/raw/*.json alone."""
+    results = Path(results)
+    by_arm = load_raw(results)
+    summary: dict[str, dict] = {}
+    base = {r["seed"]: r["test"]["accuracy"] for r in by_arm.get("grpo", [])}
+    for arm, runs in by_arm.items():
+        accs = [r["test"]["accuracy"] for r in runs]
+        m, sd = _mean_std(accs)
+        tasks = sorted({t for r in runs for t in r["test"]["per_task"]})
+        s = {
+            "seeds": [r["seed"] for r in runs],
+            "test_mean": m,
+            "test_std": sd,
+            "test": accs,
+            "per_task": {
+                t: _mean_std([r["test"]["per_task"][t] for r in runs if t in r["test"]["per_task"]])
+                for t in tasks
+            },
+            "generated_x": sum(r["generated_samples"] for r in runs)
+            / max(1, sum(r["trained_samples"] for r in runs)),
+        }
+        paired = [r["test"]["accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]
+        if paired and arm != "grpo":
+            s["vs_grpo_mean"], s["vs_grpo_std"] = _mean_std(paired)
+        for k in (
+            "k3_precision",
+            "k3_recall",
+            "kl_precision",
+            "kl_recall",
+            "entropy_precision",
+            "random_precision",
+            "base_rate",
+            "k3_dep_mass",
+        ):
+            vals = [r["spotlight"].get("all", {}).get(k) for r in runs]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                s[k] = _mean_std(vals)[0]
+        summary[arm] = s
+    _write_json(results / "summary.json", summary)
+    (results / "table.md").write_text(markdown_table(summary))
+    if plot and by_arm:
+        plot_curves(by_arm, results / "curves.png")
+    return summary
+
+
+def _pct(m: float, sd: float | None = None) -> str:
+    return f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def markdown_table(summary: dict[str, dict]) -> str:
+    """Test avg@n per arm: mean ± std over seeds, per task, paired gain over GRPO, generations,
+    and the spotlight diagnostic (precision / recall of the k3 top-40 % mask)."""
+    if not summary:
+        return "(no finished runs yet)\n"
+    tasks = sorted({t for s in summary.values() for t in s["per_task"]})
+    head = [
+        "arm",
+        "seeds",
+        "test (mean ± std)",
+        *tasks,
+        "vs GRPO (paired)",
+        "generations",
+        "k3 top-40% prec / rec",
+        "KL top-40% prec / rec",
+        "visual share",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, s in summary.items():
+        pr = lambda a, b, s=s: f"{100 * s[a]:.0f} / {100 * s[b]:.0f}" if a in s and b in s else ""  # noqa: E731
+        row = [
+            LABELS.get(arm, arm),
+            str(len(s["seeds"])),
+            _pct(s["test_mean"], s["test_std"]),
+            *[_pct(*s["per_task"][t]) if t in s["per_task"] else "" for t in tasks],
+            (f"{100 * s['vs_grpo_mean']:+.1f} ± {100 * s['vs_grpo_std']:.1f}" if "vs_grpo_mean" in s else ""),
+            f"{s['generated_x']:.2f}x",
+            pr("k3_precision", "k3_recall"),
+            pr("kl_precision", "kl_recall"),
+            f"{100 * s['base_rate']:.0f} %" if "base_rate" in s else "",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(by_arm: dict[str, list[dict]], out: Path) -> Path:
+    """Val avg@n and training reward per arm: mean over seeds, +-1 std band."""
+    import matplotlib  # heavy: the plot only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use("Agg")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for arm, runs in by_arm.items():
+        steps = sorted({p["step"] for r in runs for p in r["curve"]})
+        xs, ms, sds = [], [], []
+        for st in steps:
+            v = [p["val_accuracy"] for r in runs for p in r["curve"] if p["step"] == st]
+            if v:
+                m, sd = _mean_std(v)
+                xs.append(st)
+                ms.append(100 * m)
+                sds.append(100 * sd)
+        (line,) = axes[0].plot(xs, ms, marker="o", ms=3, label=f"{LABELS.get(arm, arm)} ({len(runs)})")
+        axes[0].fill_between(
+            xs,
+            [a - b for a, b in zip(ms, sds)],
+            [a + b for a, b in zip(ms, sds)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
+        n = min(len(r["reward"]) for r in runs)
+        if n:
+            k = max(1, n // 10)
+            rew = [
+                [
+                    sum(r["reward"][max(0, i - k + 1) : i + 1]) / len(r["reward"][max(0, i - k + 1) : i + 1])
+                    for i in range(n)
+                ]
+                for r in runs
+            ]
+            stats = [_mean_std([x[i] for x in rew]) for i in range(n)]
+            axes[1].plot(range(1, n + 1), [100 * a for a, _ in stats], color=line.get_color())
+            axes[1].fill_between(
+                range(1, n + 1),
+                [100 * (a - b) for a, b in stats],
+                [100 * (a + b) for a, b in stats],
+                color=line.get_color(),
+                alpha=0.12,
+            )
+    axes[0].set(xlabel="step", ylabel="val avg@n (%)", title="validation (mean ± std over seeds)")
+    axes[1].set(xlabel="step", ylabel="train reward (%)", title="training reward (smoothed)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/sweep", help="run folders (default runs/sweep, gitignored)")
+    ap.add_argument("--results", default="docs/sweep", help="raw JSON, table.md, curves.png")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--quick", action="store_true", help="CI: arms grpo,vppo, seed 1, 2 steps, tiny eval")
+    ap.add_argument("--steps", type=int, default=None, help="override the budget's steps")
+    ap.add_argument("--set", action="append", default=[], help="extra override key=value for every arm")
+    ap.add_argument("--model", default=None, help="model folder for every arm (default: the spotlight base)")
+    ap.add_argument(
+        "--data", default=None, help="folder with train/val/test parquet (default: spotlight set)"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 leaves a core free)")
+    ap.add_argument("--aggregate-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.aggregate_only:
+        s = aggregate(args.results)
+        print(markdown_table(s))
+        return s
+    budget = QUICK if args.quick else Budget()
+    if args.steps is not None:
+        budget = Budget(**{**asdict(budget), "steps": args.steps})
+    arms = ["grpo", "vppo"] if args.quick and args.arms == ",".join(ARMS) else args.arms.split(",")
+    seeds = [1] if args.quick and args.seeds == "1,2,3" else [int(s) for s in args.seeds.split(",")]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+    sw = Sweep(
+        Path(args.out), Path(args.results), budget, tuple(args.set), args.model, args.data, args.threads
+    )
+    summary = sw.run(arms, seeds)
+    print(markdown_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
