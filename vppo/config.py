@@ -100,6 +100,10 @@ class RolloutConfig:
     val_temperature: float = _f(1.0, "validation temperature")
     val_top_p: float = _f(1.0, "validation top_p")
     val_top_k: int = _f(50, "validation top_k (0 = off)")
+    engine: Literal["hf", "vllm"] = _f("hf", "sampling engine: hf (transformers generate) or vllm")
+    gpu_memory_utilization: float = _f(0.5, "vllm: fraction of GPU memory for weights + KV cache")
+    tensor_parallel_size: int = _f(1, "vllm: GPUs per engine (1 = one engine per rank)")
+    vllm_sleep: bool = _f(True, "vllm: sleep (level 1) between rollouts where the platform supports it")
 
 
 @dataclass
@@ -169,7 +173,6 @@ class TrainConfig:
         "(released _balance_batch): groups split across ranks, so per-rank TAS (shaping=released) sees the "
         "balanced partition",
     )
-
 
 
 @dataclass
@@ -440,6 +443,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         ("rollout.rollout_batch_size", r.rollout_batch_size),
         ("rollout.filter_max_tries", r.filter_max_tries),
         ("rollout.val_n", r.val_n),
+        ("rollout.tensor_parallel_size", r.tensor_parallel_size),
         ("algo.patch_size", a.patch_size),
         ("train.epochs", t.epochs),
         ("train.global_batch", t.global_batch),
@@ -474,6 +478,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                t.max_tokens_per_micro)  # fmt: skip
     for key, v in [("rollout.temperature", r.temperature), ("rollout.val_temperature", r.val_temperature)]:
         _check(v > 0, key, "must be > 0", v)
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]",
+           r.gpu_memory_utilization)  # fmt: skip
     for key, v in [("rollout.top_p", r.top_p), ("rollout.val_top_p", r.val_top_p)]:
         _check(0 < v <= 1, key, "must be in (0, 1]", v)
     _check(0 <= r.filter_low <= 1, "rollout.filter_low", "must be in [0, 1]", r.filter_low)

@@ -51,6 +51,7 @@ from vppo.evaluate import (
     SampleFn,
     evaluate_problems,
     grader_agreement,
+    vllm_sampler,
 )
 from vppo.provenance import (
     grader_version,
@@ -132,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-pixels", type=int, default=None)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument(
+        "--engine", choices=("hf", "vllm"), default="hf", help="sampling engine (vllm: vppo.vllm_engine)"
+    )
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.8, help="--engine vllm on a GPU")
+    ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is fastest for tiny models)"
     )
     ap.add_argument("--fresh", action="store_true", help="discard cached generations in --out")
@@ -156,7 +161,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.engine == "vllm" and args.repetition_penalty != 1.0:
+        raise ValueError("--engine vllm samples with repetition penalty 1.0 only")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     return args
+
+
+def _vllm_sample_fn(args, model_path: str, processor, benches, gen: GenSettings, suffix) -> SampleFn:
+    """--engine vllm: one vLLM engine (bf16 on a GPU, fp32 on a CPU, as load_model) behind a SampleFn,
+    with the special token ids vppo.tokens reads for the hf engine (EOS from the generation config)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from vppo.tokens import token_ids
+    from vppo.vllm_engine import VLLMEngine
+
+    has_gc = (Path(model_path) / "generation_config.json").is_file()
+    gc = GenerationConfig.from_pretrained(model_path, local_files_only=True) if has_gc else None
+    ids = token_ids(SimpleNamespace(generation_config=gc), processor)
+    px = image_pixels(processor)
+    engine = VLLMEngine(
+        model_path, processor, ids, dtype="bfloat16" if torch.cuda.is_available() else "float32",
+        max_model_len=None, max_images=max(1, max(len(p.images) for b in benches for p in b.problems)),
+        seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, min_pixels=px["min"],
+        max_pixels=px["max"],
+    )  # fmt: skip
+    return vllm_sampler(engine, processor, gen, suffix=suffix)
 
 
 def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) -> dict:
@@ -175,6 +207,8 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         torch.set_num_threads(args.threads)
     processor = load_eval_processor(model_path, args.min_pixels, args.max_pixels)
     suffix = args.prompt_suffix if args.prompt_suffix is not None else load_prompt_suffix(model_path)
+    if sample_fn is None and args.engine == "vllm":
+        sample_fn = _vllm_sample_fn(args, model_path, processor, benches, gen, suffix)
     model = None if sample_fn is not None else load_model(model_path, args.device)
     t0 = time.time()
     hashes = model_hashes(model_path, memo=out / "model_hashes.json")
@@ -187,7 +221,12 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         },
         "device": str(next(model.parameters()).device) if model is not None else None,
         "dtype": str(next(model.parameters()).dtype) if model is not None else None,
-        "sampling": {**asdict(gen), "samples": args.samples, "repetition_penalty": args.repetition_penalty},
+        "sampling": {
+            **asdict(gen),
+            "samples": args.samples,
+            "repetition_penalty": args.repetition_penalty,
+            **({"engine": "vllm"} if args.engine == "vllm" else {}),
+        },  # fmt: skip
         "seed": args.seed,
         "seeding": "per sample: sha256('vppo-eval', seed, benchmark, row) then sha256(problem seed, sample)",
         "batch_size": args.batch_size,

@@ -155,6 +155,21 @@ def rollout_sampler(
     return sample
 
 
+def vllm_sampler(engine, processor, gen: GenSettings, *, suffix: str | None = PROMPT_SUFFIX) -> SampleFn:
+    """A SampleFn on a `vppo.vllm_engine.VLLMEngine` (`python -m vppo.eval --engine vllm`): the same
+    prompts and response rule as rollout_sampler, vLLM's sampler. On a GPU each problem's request is
+    seeded with its first sample seed (its n samples do not depend on the batch); on the CPU vLLM
+    takes no per-request seed, so only the engine seed holds (samples depend on the batch)."""
+
+    def sample(problems: Sequence[Problem], seeds: list[list[int]]) -> list[str]:
+        inputs = encode_prompts(problems, processor, suffix)
+        first = [row[0] for row in seeds]  # a problem's request seed (GPU)
+        ro = engine.generate(problems, inputs, len(seeds[0]), gen, seed=first, tokenizer=processor.tokenizer)
+        return ro.texts
+
+    return sample
+
+
 # ----------------------------------------------------------------------------------------------------
 # grading (the training reward's grader)
 

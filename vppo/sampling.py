@@ -8,7 +8,8 @@ mean accuracy is <= low or >= high and samples more prompts until the batch is f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,19 +51,25 @@ class SampleInfo:
     kept_groups: int
     dropped_groups: int
     grader: dict
+    engine: dict = field(default_factory=dict)  # vllm engine only: push time, rollout tokens/s
 
 
 def sample_batch(
     hf, processor, problems, order: DataOrder, cfg: Config, gen: GenSettings, grader, ids: TokenIds,
-    rank: int, world: int, step: int,
+    rank: int, world: int, step: int, engine=None,
 ) -> tuple[Trajectory, SampleInfo]:  # fmt: skip
     """This rank's graded batch (rewards and answers filled) for training step `step`.
 
     Every rank draws the same global prompt indices and takes its own shard, so each group of n
     responses stays on one rank. Sampling is seeded per (seed, step, round, rank): a resumed run
     samples what the uninterrupted run would have.
+
+    `engine`: a `vppo.vllm_engine.VLLMEngine` (rollout.engine=vllm) or None (hf generate on `hf`).
+    The vllm engine gets `hf`'s weights before sampling and sleeps after it.
     """
     r = cfg.rollout
+    eng_stats = {"push_seconds": engine.push(hf).seconds} if engine is not None else {}
+    t_gen, gen_tokens = 0.0, 0
     quota = r.rollout_batch_size // world
     kept: list[Trajectory] = []
     have, tries, dropped, stats = 0, 0, 0, {}
@@ -76,18 +83,19 @@ def sample_batch(
             )
         idx = order.take(quota * world)[rank::world]
         probs = [problems[i] for i in idx]
-        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + tries * 101 + rank)
-        traj = generate(
-            hf,
-            encode_prompts(probs, processor, cfg.data.prompt_suffix),
-            r.n,
-            gen,
-            eos_ids=ids.eos,
-            pad_id=ids.pad,
-            suppress_ids=ids.vision,
-            vision_start_id=ids.vision_start,
-            tokenizer=processor.tokenizer,
-        )
+        seed = cfg.train.seed * 1_000_003 + step * 1009 + tries * 101 + rank
+        torch.manual_seed(seed)
+        inputs = encode_prompts(probs, processor, cfg.data.prompt_suffix)
+        t0 = time.perf_counter()
+        if engine is not None:
+            traj = engine.generate(probs, inputs, r.n, gen, seed=seed, tokenizer=processor.tokenizer)
+        else:
+            traj = generate(
+                hf, inputs, r.n, gen, eos_ids=ids.eos, pad_id=ids.pad, suppress_ids=ids.vision,
+                vision_start_id=ids.vision_start, tokenizer=processor.tokenizer,
+            )  # fmt: skip
+        t_gen += time.perf_counter() - t0
+        gen_tokens += int(traj.response_mask.sum())
         traj.answers = [probs[int(g)].answer for g in traj.group]
         scores, gstats = grader.grade(traj.texts, traj.answers)
         for k, v in gstats.as_dict().items():
@@ -107,4 +115,26 @@ def sample_batch(
         tries += 1
     traj = concat(kept, ids.pad)
     traj.group = torch.arange(len(traj)) // r.n
-    return traj, SampleInfo(tries, have, dropped, stats)
+    if engine is not None:
+        engine.sleep()
+        eng_stats["rollout_tokens_per_second"] = gen_tokens / max(t_gen, 1e-9)
+    return traj, SampleInfo(tries, have, dropped, stats, eng_stats)
+
+
+def sampling_engine(cfg: Config, processor, ids: TokenIds, rank: int = 0, world: int = 1):
+    """The sampling engine of rollout.engine: None for hf (sample_batch generates on the policy),
+    a colocated `vppo.vllm_engine.VLLMEngine` for vllm."""
+    if cfg.rollout.engine == "hf":
+        return None
+    from vppo.vllm_engine import VLLMEngine
+
+    return VLLMEngine.from_config(cfg, processor, ids, rank=rank, world=world)
+
+
+def mismatch_stats(traj: Trajectory) -> dict:
+    """Train/inference mismatch, after scoring: mean and max |sampler_logp - old_logp| over the
+    response tokens; {} when the engine returned no log-probs (hf) or the batch is unscored."""
+    if traj.sampler_logp is None or traj.old_logp is None or not traj.response_mask.any():
+        return {}
+    d = (traj.sampler_logp - traj.old_logp).abs()[traj.response_mask]
+    return {"logp_mismatch_mean": float(d.mean()), "logp_mismatch_max": float(d.max())}

@@ -60,7 +60,7 @@ from vppo.model import build_engine, load_policy
 from vppo.perturb import PerturbSpec, perturb_pixel_values, trajectory_seed
 from vppo.reward import Grader
 from vppo.rollout import GenSettings
-from vppo.sampling import DataOrder, SampleInfo, sample_batch
+from vppo.sampling import DataOrder, SampleInfo, mismatch_stats, sample_batch, sampling_engine
 from vppo.synth import ensure_synth_data
 from vppo.tiny import ensure_tiny_model
 from vppo.tokens import TokenIds, token_ids
@@ -93,6 +93,7 @@ class Run:
     timer: PhaseTimer
     total_steps: int
     start: int = 0
+    sampler: object = None  # rollout.engine=vllm: the colocated vppo.vllm_engine.VLLMEngine
 
 
 def resolve_defaults(cfg: Config) -> None:
@@ -161,6 +162,7 @@ def setup(cfg: Config) -> Run:
         metrics=Metrics(run_dir, rank == 0, cfg.run.tensorboard),
         timer=PhaseTimer(watchdog_seconds=cfg.run.watchdog_seconds or None, nvtx=cfg.run.nvtx, sync=sync),
         total_steps=dv.total_steps,
+        sampler=sampling_engine(cfg, processor, token_ids(hf, processor), rank, world),
     )  # fmt: skip
     resume = run.ckpt.resolve_resume(cfg.run.resume)
     if resume is not None:
@@ -198,7 +200,7 @@ def prepare(run: Run, step: int) -> tuple[Trajectory, SampleInfo]:
     with timer.phase("generate"):
         traj, info = sample_batch(
             run.hf, run.processor, run.train_set, run.order, cfg, run.gen, run.grader, run.ids,
-            run.rank, run.world, step,
+            run.rank, run.world, step, engine=run.sampler,
         )  # fmt: skip
     if vppo_on:
         with timer.phase("perturb"):
@@ -320,6 +322,8 @@ def train_step(run: Run, step: int) -> dict:
         "step_seconds": dt,
         "tokens_per_second": float(valid.sum()) * run.world / dt,
         **{f"time_{k}": v for k, v in run.timer.last().items()},
+        **info.engine,  # vllm engine: push time, rollout tokens/s; and |logp_vllm - logp_old|:
+        **mismatch_stats(traj),
     }
     if traj.kl is not None:
         dep = objective.dependency_scores(traj, run.cfg.algo.dependency)

@@ -35,6 +35,7 @@ class Trajectory:
     image_grid_thw: list[torch.Tensor]  # per row: (images_i, 3)
     group: torch.Tensor  # (B,) index of the prompt each row answers
     texts: list[str] = field(default_factory=list)  # decoded responses (for grading)
+    sampler_logp: torch.Tensor | None = None  # (B, R) the sampling engine's log-probs (vllm engine)
     # graded
     answers: list[str] | None = None  # (B,) the ground truth of each row's prompt
     rewards: torch.Tensor | None = None  # (B,)
@@ -109,4 +110,6 @@ def concat(parts: list[Trajectory], pad_id: int) -> Trajectory:
         texts=[s for t in parts for s in t.texts],
         answers=[a for t in parts for a in t.answers] if graded else None,
         rewards=torch.cat([t.rewards for t in parts]) if graded else None,
-    )
+        sampler_logp=torch.cat([torch.nn.functional.pad(t.sampler_logp, (0, r - t.sampler_logp.shape[1]))
+                                for t in parts]) if all(t.sampler_logp is not None for t in parts) else None,
+    )  # fmt: skip
