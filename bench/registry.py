@@ -17,6 +17,7 @@ CASE_MODULES = (
     "token_logprobs",
     "token_logprobs_linear",
     "vppo_step",
+    "packing",  # no kernel cases: python -m bench.case_packing
 )
 
 

@@ -274,3 +274,23 @@ def test_two_gloo_ranks_with_balancing_match_one_process_and_shape_per_rank(asse
         assert abs(l0 - l1) <= int(traj.attention_mask.sum(-1).max())
         for mb, alpha in ((mb0, a0), (mb1, a1)):
             torch.testing.assert_close(alpha, shape(cfg, mb)[1])  # per-rank statistics
+
+
+def test_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bench import case_packing, gpu_check
+
+    small = lambda kinds=("tiny", "7b"), device="cpu", model=None: {  # noqa: E731
+        k: {**case_packing.counts(*case_packing.lengths(k)), "time_ratio": 1.0} for k in kinds
+    }
+    monkeypatch.setattr(case_packing, "measure", small)  # counts only: no timing in a test
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    for k in ("kernel_tests", "kernel_bench", "packing_gpu"):
+        assert res[k] == {"status": "SKIPPED", "reason": "no CUDA device"}, k
+    assert res["packing_cpu"]["status"] == "ok" and 0.4 < res["packing_cpu"]["7b"]["pad_frac"] < 0.7
+    printed = capsys.readouterr().out
+    assert "kernel_tests: SKIPPED (no CUDA device)" in printed and "packing_gpu: SKIPPED" in printed
+    assert "| packing_cpu | ok | tiny: pad" in (tmp_path / "README_table.md").read_text()
