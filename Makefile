@@ -71,5 +71,9 @@ bench: $(STAMP)
 train: $(STAMP)
 	$(PY) -m vppo.train
 
+# gpu-check: the prepared GPU check (bench/gpu_check.py); runs without a GPU and says what it skipped.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check --out bench/out/gpu_check
+
 clean:
 	rm -rf .pytest_cache .ruff_cache bench/out
