@@ -18,6 +18,7 @@ CASE_MODULES = (
     "token_logprobs_linear",
     "vppo_step",
     "packing",  # no kernel cases: python -m bench.case_packing
+    "rollout",  # no kernel cases: hf vs vllm tokens/s, python -m bench.case_rollout (make bench runs it)
 )
 
 
