@@ -1,0 +1,156 @@
+"""vppo.sweep: the aggregation by hand, and the quick mode killed with SIGKILL and resumed (issue 15)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vppo import sweep
+
+
+def _raw(arm, seed, acc, tasks, curve, gen=1.0):
+    return {
+        "arm": arm,
+        "seed": seed,
+        "overrides": [],
+        "steps": 2,
+        "reward": [0.1, 0.3],
+        "kept_frac": [1, 1],
+        "curve": [{"step": s, "val_accuracy": v, "val_stderr": 0.01} for s, v in curve],
+        "generated_samples": int(64 * gen),
+        "trained_samples": 64,
+        "test": {"accuracy": acc, "stderr": 0.01, "problems": 8, "samples": 2, "per_task": tasks},
+        "spotlight": {"all": {"k3_precision": 0.1, "k3_recall": 0.9, "base_rate": 0.04}},
+    }
+
+
+def test_aggregate_by_hand(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [
+        _raw("grpo", 1, 0.30, {"a": 0.2, "b": 0.4}, [(0, 0.2), (2, 0.3)]),
+        _raw("grpo", 2, 0.34, {"a": 0.3, "b": 0.38}, [(0, 0.2), (2, 0.4)]),
+        _raw("vppo", 1, 0.40, {"a": 0.5, "b": 0.3}, [(0, 0.2), (2, 0.5)], gen=2.0),
+        _raw("vppo", 2, 0.36, {"a": 0.4, "b": 0.32}, [(0, 0.2), (2, 0.45)], gen=1.5),
+    ]
+    for r in rows:
+        (raw / f"{r['arm']}_s{r['seed']}.json").write_text(json.dumps(r))
+    s = sweep.aggregate(tmp_path)
+    assert list(s) == ["grpo", "vppo"]  # arm order of sweep.ARMS
+    assert s["grpo"]["test_mean"] == pytest.approx(0.32)
+    assert s["grpo"]["test_std"] == pytest.approx(math.sqrt(2 * 0.02**2))  # sample std of 0.30, 0.34
+    assert s["vppo"]["test_mean"] == pytest.approx(0.38)
+    # paired by seed: +0.10 and +0.02
+    assert s["vppo"]["vs_grpo_mean"] == pytest.approx(0.06)
+    assert s["vppo"]["vs_grpo_std"] == pytest.approx(math.sqrt(2 * 0.04**2))
+    assert "vs_grpo_mean" not in s["grpo"]
+    assert s["vppo"]["per_task"]["a"][0] == pytest.approx(0.45)
+    assert s["vppo"]["generated_x"] == pytest.approx(3.5 / 2)
+    table = (tmp_path / "table.md").read_text()
+    assert "| VPPO | 2 | 38.0 ± 2.8 |" in table and "+6.0 ± 5.7" in table and "1.75x" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["vppo"]["test"] == [0.40, 0.36]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_arms_are_configs_of_the_loop(tmp_path):
+    from vppo.config import load_config
+
+    for arm in sweep.ARMS:
+        cfg = load_config(None, sweep.Sweep(tmp_path, tmp_path, sweep.Budget()).overrides(arm, 1))
+        assert cfg.train.total_steps == sweep.Budget().steps and cfg.rollout.n == sweep.Budget().n
+    c = {a: load_config(None, sweep.ARMS[a]) for a in sweep.ARMS}
+    assert (c["grpo"].algo.name, c["grpo"].rollout.online_filter, c["grpo"].algo.clip_high) == (
+        "grpo",
+        False,
+        0.2,
+    )
+    assert c["dapo"].rollout.online_filter and c["dapo"].algo.clip_high == 0.28
+    v = c["vppo"].algo
+    assert (v.name, v.shaping, v.topk_ratio, v.token_select) == ("vppo", "released", 0.4, "dependency")
+    assert c["vppo"].rollout.online_filter
+    assert (c["tas_only"].algo.shaping, c["tas_only"].algo.topk_ratio) == ("released", 1.0)
+    assert (c["tgf_only"].algo.shaping, c["tgf_only"].algo.topk_ratio) == ("none", 0.4)
+    assert c["random40"].algo.token_select == "random" and c["entropy40"].algo.token_select == "entropy"
+
+
+def _metrics_steps(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["step"] for x in lines if x.strip() and "reward" in json.loads(x)]
+
+
+def test_quick_mode_resumes_after_sigkill(tmp_path):
+    from helpers import make_micro_model, subprocess_env
+
+    from vppo import synth
+
+    model = make_micro_model(tmp_path / "m")
+    data = tmp_path / "d"
+    synth.write_synth(synth.SynthConfig(tasks=synth.SPOTLIGHT_TASKS, n_train=12, n_val=4, n_test=4), data)
+    out, res = tmp_path / "runs", tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vppo.sweep",
+        "--quick",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--results",
+        str(res),
+        # a random micro model solves nothing: no online filtering, short responses
+        "--set",
+        "rollout.online_filter=false",
+        "--set",
+        "rollout.max_response_len=8",
+        "--set",
+        "train.micro_batch=4",
+        "--set",
+        "train.impl=torch",
+    ]
+    env = subprocess_env()
+    p = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    first = out / "grpo" / "seed1"
+    t0 = time.time()
+    try:  # kill the whole sweep (and its training process) once the first run has saved a checkpoint
+        while time.time() - t0 < 400:
+            if list(first.glob("checkpoints/step-*/meta.json")):  # a complete checkpoint: mid-run
+                time.sleep(0.5)
+                break
+            assert p.poll() is None, p.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first run never saved a checkpoint")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert not (first / sweep.DONE).exists() and not (res / "raw").exists()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "resumed from" in (first / "sweep.log").read_text()
+    for arm in ("grpo", "vppo"):
+        rd = out / arm / "seed1"
+        assert _metrics_steps(rd) == [1, 2]  # each step once, none lost or repeated
+        raw = json.loads((res / "raw" / f"{arm}_s1.json").read_text())
+        assert raw["steps"] == 2 and raw["test"]["problems"] == 4 and raw["test"]["samples"] == 2
+        assert [c["step"] for c in raw["curve"]] == [0, 1, 2]
+        assert raw["generated_samples"] == raw["trained_samples"] == 2 * 2 * 4
+        assert raw["spotlight"]["all"]["responses"] == 2
+    summary = json.loads((res / "summary.json").read_text())
+    grpo = json.loads((res / "raw" / "grpo_s1.json").read_text())
+    assert summary["grpo"]["test_mean"] == grpo["test"]["accuracy"] and summary["grpo"]["test_std"] == 0.0
+    assert "| GRPO | 1 |" in (res / "table.md").read_text() and (res / "curves.png").exists()
+    # a third call finds everything done: nothing retrained
+    stamp = (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns == stamp
+    assert "$ " not in (out / "vppo" / "seed1" / "sweep.log").read_text().split("vppo.spotlight")[-1]
