@@ -154,3 +154,12 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns == stamp
     assert "$ " not in (out / "vppo" / "seed1" / "sweep.log").read_text().split("vppo.spotlight")[-1]
+
+
+def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):
+    from vppo.config import CONFIG_DIR, load_config
+
+    c = load_config(CONFIG_DIR / "spotlight.yaml")
+    o = load_config(None, sweep.Sweep(tmp_path, tmp_path, sweep.Budget()).overrides("vppo", 1))
+    o.run.output_dir = c.run.output_dir
+    assert c == o
