@@ -53,6 +53,7 @@ def test_aggregate_by_hand(tmp_path):
     assert s["vppo"]["generated_x"] == pytest.approx(3.5 / 2)
     table = (tmp_path / "table.md").read_text()
     assert "| VPPO | 2 | 38.0 ± 2.8 |" in table and "+6.0 ± 5.7" in table and "1.75x" in table
+    assert "| 4 % | 90 / 80 |" in table  # visual share, top-40 % recall k3 / KL
     assert json.loads((tmp_path / "summary.json").read_text())["vppo"]["test"] == [0.40, 0.36]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 

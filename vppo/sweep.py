@@ -72,6 +72,11 @@ LABELS = {
     "entropy40": "entropy 40 %",
 }
 DONE = "SWEEP_DONE"
+# the spotlight diagnostic's numbers averaged over seeds (vppo.spotlight.summarize)
+SPOT_KEYS = tuple(
+    f"{k}_{m}" for k in ("k3", "kl", "entropy", "random") for m in ("precision", "recall", "rprec")
+)
+SPOT_KEYS += ("base_rate", "k3_dep_mass", "kl_dep_mass")
 
 
 @dataclass(frozen=True)
@@ -393,16 +398,7 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
         paired = [r["test"]["accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]
         if paired and arm != "grpo":
             s["vs_grpo_mean"], s["vs_grpo_std"] = _mean_std(paired)
-        for k in (
-            "k3_precision",
-            "k3_recall",
-            "kl_precision",
-            "kl_recall",
-            "entropy_precision",
-            "random_precision",
-            "base_rate",
-            "k3_dep_mass",
-        ):
+        for k in SPOT_KEYS:
             vals = [r["spotlight"].get("all", {}).get(k) for r in runs]
             vals = [v for v in vals if v is not None]
             if vals:
@@ -419,6 +415,10 @@ def _pct(m: float, sd: float | None = None) -> str:
     return f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
+def _slash(s: dict, *keys: str) -> str:
+    return " / ".join(f"{100 * s[k]:.0f}" for k in keys) if all(k in s for k in keys) else ""
+
+
 def markdown_table(summary: dict[str, dict]) -> str:
     """Test avg@n per arm: mean ± std over seeds, per task, paired gain over GRPO, generations,
     and the spotlight diagnostic (precision / recall of the k3 top-40 % mask)."""
@@ -432,13 +432,13 @@ def markdown_table(summary: dict[str, dict]) -> str:
         *tasks,
         "vs GRPO (paired)",
         "generations",
-        "k3 top-40% prec / rec",
-        "KL top-40% prec / rec",
         "visual share",
+        "top-40% recall k3 / KL",
+        "R-precision k3 / KL / entropy / random",
+        "k3 mass on visual",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, s in summary.items():
-        pr = lambda a, b, s=s: f"{100 * s[a]:.0f} / {100 * s[b]:.0f}" if a in s and b in s else ""  # noqa: E731
         row = [
             LABELS.get(arm, arm),
             str(len(s["seeds"])),
@@ -446,9 +446,10 @@ def markdown_table(summary: dict[str, dict]) -> str:
             *[_pct(*s["per_task"][t]) if t in s["per_task"] else "" for t in tasks],
             (f"{100 * s['vs_grpo_mean']:+.1f} ± {100 * s['vs_grpo_std']:.1f}" if "vs_grpo_mean" in s else ""),
             f"{s['generated_x']:.2f}x",
-            pr("k3_precision", "k3_recall"),
-            pr("kl_precision", "kl_recall"),
             f"{100 * s['base_rate']:.0f} %" if "base_rate" in s else "",
+            _slash(s, "k3_recall", "kl_recall"),
+            _slash(s, "k3_rprec", "kl_rprec", "entropy_rprec", "random_rprec"),
+            f"{100 * s['k3_dep_mass']:.0f} %" if "k3_dep_mass" in s else "",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
