@@ -25,7 +25,7 @@ def _raw(arm, seed, acc, tasks, curve, gen=1.0):
         "generated_samples": int(64 * gen),
         "trained_samples": 64,
         "test": {"accuracy": acc, "stderr": 0.01, "problems": 8, "samples": 2, "per_task": tasks},
-        "spotlight": {"all": {"k3_precision": 0.1, "k3_recall": 0.9, "base_rate": 0.04}},
+        "spotlight": {"all": {"k3_precision": 0.1, "k3_recall": 0.9, "kl_recall": 0.8, "base_rate": 0.04}},
     }
 
 
