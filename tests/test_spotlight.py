@@ -262,3 +262,9 @@ def test_cli_on_a_micro_model(tmp_path):
         assert all(x >= -1e-6 for x in resp["scores"]["kl"])
     assert (out / "spotlight.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "spotlight.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_line():
+    line = spotlight.report_line(spotlight.summarize(_rows(), 0.4))
+    assert "1 of 2 responses" in line and "recall k3 100 %" in line and "random 0 %" in line
+    assert "no response" in spotlight.report_line({"all": {"responses": 3, "parsed": 0}})

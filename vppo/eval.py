@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from vppo import tiny
+from vppo import spotlight, tiny
 from vppo.benchmarks import Benchmark, describe, load_benchmark, resolve_names
 from vppo.data import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_processor, load_prompt_suffix
 from vppo.evaluate import (
@@ -63,6 +63,7 @@ from vppo.provenance import (
 )
 from vppo.report import _avg, markdown_report, paper_model, write_outputs
 from vppo.rollout import GenSettings
+from vppo.synth import VISUAL_PATTERNS
 
 # ----------------------------------------------------------------------------------------------------
 # the command line
@@ -147,6 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--math-verify", action="store_true", help="also report how often math-verify agrees with the grader"
     )
+    ap.add_argument(
+        "--spotlight", type=int, default=0,
+        help="also the dependency precision / recall (vppo.spotlight) on the first N problems with "
+        "known visual spans",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -291,6 +297,10 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     if args.limit is not None and skipped:
         report += f"\n--limit {args.limit}: broken rows skipped to reach it ({', '.join(skipped)}).\n"
     manifest["results"] = {"benchmarks": summary, "avg": {"accuracy": mean, "stderr": se, "over": averaged}}
+    spot = [p for b in benches for p in b.problems if p.meta.get("task") in VISUAL_PATTERNS][: args.spotlight]
+    if spot and model is not None:  # the visual-dependency diagnostic (issue 15)
+        manifest["spotlight"] = spotlight.diagnose(model_path, spot, suffix=suffix)
+        report += spotlight.report_line(manifest["spotlight"])
     manifest["wall_seconds"] = round(time.time() - t0, 1)
     write_outputs(out, report, all_samples, manifest)
     print(report)

@@ -289,6 +289,22 @@ def diagnose(model_path: str, problems, **kw) -> dict:
     return summarize(sample_and_score(hf, processor, ids, problems, **kw), kw.get("ratio", 0.4))
 
 
+def report_line(summary: dict) -> str:
+    """The eval report's paragraph on where the dependency falls (vppo.eval --spotlight N)."""
+    a = summary.get("all", {})
+    if not a.get("parsed"):
+        return "\nSpotlight: no response followed the format (no ground-truth visual tokens).\n"
+    pct = lambda k: f"{100 * a[k]:.0f} %" if a.get(k) is not None else "n/a"  # noqa: E731
+    pr = f"recall k3 {pct('k3_recall')}, KL {pct('kl_recall')} (precision k3 {pct('k3_precision')})"
+    rp = ", ".join(f"{k if k != 'kl' else 'KL'} {pct(k + '_rprec')}" for k in SCORES)
+    return (
+        f"\nSpotlight ({a['parsed']} of {a['responses']} responses with known visual tokens, "
+        f"{pct('base_rate')} of their tokens): top-{100 * summary['ratio']:.0f} % mask {pr}; "
+        f"R-precision {rp}; "
+        f"share of the k3 dependency on the visual tokens {pct('k3_dep_mass')}.\n"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # the picture
 
