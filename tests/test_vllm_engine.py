@@ -112,6 +112,36 @@ def test_layout_masks_groups_match_hf(run):
     assert len(vl.texts) == len(vl)
 
 
+def test_everything_after_sampling_is_engine_independent(run):
+    """The same rollout rows, with and without the vllm engine's extra field, give the same scores and
+    the same loss: `sampler_logp` is logged, never read by the scoring passes or the update."""
+    from functools import partial
+
+    from vppo import loss, objective
+    from vppo.rollout import model_inputs
+
+    probs = list(run.train_set)[:2]
+    inputs, _ = _hf_traj(run, probs)
+    run.sampler.push(run.hf)
+    vl = run.sampler.generate(probs, inputs, run.cfg.rollout.n, run.gen, tokenizer=run.processor.tokenizer)
+    hf_like = replace(vl, sampler_logp=None)
+    outs = []
+    run.hf.eval()
+    for t in (vl, hf_like):
+        t.rewards = torch.arange(len(t), dtype=torch.float32) % 3
+        loss.score(run.hf, t, run.opts, ids=run.ids, micro=8, dependency=False)
+        adv = objective.group_advantages(t.rewards, run.cfg.rollout.n)
+        fn = partial(loss.vppo_loss_linear, labels=t.responses, old_logp=t.old_logp, advantages=adv,
+                     token_mask=None, response_mask=t.response_mask, opts=run.opts)  # fmt: skip
+        with torch.no_grad():
+            out, stats = run.engine(
+                model_inputs(t, vision_ids=run.ids.vision, pad_id=run.ids.pad), t.prompt_len, fn
+            )
+        outs.append((t.old_logp, t.entropy, out, stats))
+    (la, ea, oa, sa), (lb, eb, ob, sb) = outs
+    assert torch.equal(la, lb) and torch.equal(ea, eb) and torch.equal(oa, ob) and sa == sb
+
+
 def test_step_mismatch_push_and_greedy_after_update(run):
     """A training step on vLLM rollouts: sampled log-probs equal the trainer's clean pass (1e-4, fp32),
     the mismatch lands in the metrics; after the update and a push, vLLM's greedy outputs equal HF
