@@ -56,6 +56,11 @@ def test_aggregate_by_hand(tmp_path):
     assert "| 4 % | 90 / 80 |" in table  # visual share, top-40 % recall k3 / KL
     assert json.loads((tmp_path / "summary.json").read_text())["vppo"]["test"] == [0.40, 0.36]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "base.json").write_text(
+        json.dumps({"test": {"accuracy": 0.25, "per_task": {"a": 0.2, "b": 0.3}}})
+    )
+    sweep.aggregate(tmp_path, plot=False)
+    assert "| tiny base (no RL) | – | 25.0 (base) | 20.0 | 30.0 |" in (tmp_path / "table.md").read_text()
 
 
 def test_arms_are_configs_of_the_loop(tmp_path):

@@ -270,6 +270,30 @@ class Sweep:
         _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
         return raw
 
+    def base_model(self) -> str:
+        if self.model is not None:
+            return self.model
+        from vppo.spotlight import variant
+        from vppo.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(variant("spotlight")[1]))
+
+    def run_base(self) -> dict:
+        """Test avg@n of the base every arm starts from (once; RESULTS/base.json)."""
+        d, b = self.out / "base" / "eval", self.budget
+        if not (d / "manifest.json").exists():
+            cmd = [
+                self.python, "-m", "vppo.eval", "--model", self.base_model(), "--benchmarks", "synth",
+                "--data-dir", str(self._eval_data()), "--samples", str(b.eval_samples), "--out", str(d),
+                "--threads", str(self.threads), "--no-progress", "--batch-size", "16",
+            ]  # fmt: skip
+            if b.eval_limit:
+                cmd += ["--limit", str(b.eval_limit)]
+            _run(cmd, self.out / "base" / "sweep.log", self.threads)
+        res = {"model": self.base_model(), "test": eval_result(d, self.data_dir() / "test.parquet")}
+        _write_json(self.results / "base.json", res)
+        return res
+
     def run(self, arms: list[str], seeds: list[int]) -> dict:
         """Seed-major order (every arm of seed 1, then seed 2, ...): a partial sweep has whole seeds."""
         self.results.mkdir(parents=True, exist_ok=True)
@@ -282,6 +306,7 @@ class Sweep:
                 "extra": list(self.extra),
             },
         )
+        self.run_base()
         failed: list[tuple[str, int]] = []
         for seed in seeds:
             for arm in arms:
@@ -316,10 +341,27 @@ def _write_json(p: Path, obj) -> None:
     os.replace(tmp, p)
 
 
-def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget, test_parquet: Path) -> dict:
-    """The raw result of one finished run folder (small: committed under docs/sweep/raw/)."""
+def eval_result(eval_dir: Path, test_parquet: Path) -> dict:
+    """Test avg@n of a vppo.eval output folder, overall and per synthetic task."""
     import pyarrow.parquet as pq
 
+    res = json.loads((eval_dir / "manifest.json").read_text())["results"]["benchmarks"]["synth"]
+    samples = json.loads((eval_dir / "samples.json").read_text())["synth"]
+    tasks = pq.read_table(test_parquet, columns=["task"]).column("task").to_pylist()
+    per_task: dict[str, list[float]] = {}
+    for s in samples:
+        per_task.setdefault(tasks[s["index"]], []).append(s["score"])
+    return {
+        "accuracy": res["accuracy"],
+        "stderr": res["stderr"],
+        "problems": res["problems"],
+        "samples": res["samples"],
+        "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+    }
+
+
+def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget, test_parquet: Path) -> dict:
+    """The raw result of one finished run folder (small: committed under docs/sweep/raw/)."""
     recs = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in recs if "reward" in r]
     curve = [
@@ -329,13 +371,6 @@ def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget,
     ]
     per_step = budget.prompts * budget.n
     tries = sum(r.get("tries", 1) for r in steps)
-    manifest = json.loads((rd / "eval" / "manifest.json").read_text())
-    res = manifest["results"]["benchmarks"]["synth"]
-    samples = json.loads((rd / "eval" / "samples.json").read_text())["synth"]
-    tasks = pq.read_table(test_parquet, columns=["task"]).column("task").to_pylist()
-    per_task: dict[str, list[float]] = {}
-    for s in samples:
-        per_task.setdefault(tasks[s["index"]], []).append(s["score"])
     spot = _read_json(rd / "spotlight" / "spotlight.json") or {}
     return {
         "arm": arm,
@@ -347,13 +382,7 @@ def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget,
         "steps": len(steps),
         "generated_samples": tries * per_step,
         "trained_samples": len(steps) * per_step,
-        "test": {
-            "accuracy": res["accuracy"],
-            "stderr": res["stderr"],
-            "problems": res["problems"],
-            "samples": res["samples"],
-            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
-        },
+        "test": eval_result(rd / "eval", test_parquet),
         "spotlight": spot.get("summary", {}),
     }
 
@@ -378,7 +407,7 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
     results = Path(results)
     by_arm = load_raw(results)
     summary: dict[str, dict] = {}
-    base = {r["seed"]: r["test"]["accuracy"] for r in by_arm.get("grpo", [])}
+    grpo = {r["seed"]: r["test"]["accuracy"] for r in by_arm.get("grpo", [])}
     for arm, runs in by_arm.items():
         accs = [r["test"]["accuracy"] for r in runs]
         m, sd = _mean_std(accs)
@@ -395,7 +424,7 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
             "generated_x": sum(r["generated_samples"] for r in runs)
             / max(1, sum(r["trained_samples"] for r in runs)),
         }
-        paired = [r["test"]["accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]
+        paired = [r["test"]["accuracy"] - grpo[r["seed"]] for r in runs if r["seed"] in grpo]
         if paired and arm != "grpo":
             s["vs_grpo_mean"], s["vs_grpo_std"] = _mean_std(paired)
         for k in SPOT_KEYS:
@@ -404,8 +433,9 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
             if vals:
                 s[k] = _mean_std(vals)[0]
         summary[arm] = s
-    _write_json(results / "summary.json", summary)
-    (results / "table.md").write_text(markdown_table(summary))
+    base = _read_json(results / "base.json")
+    _write_json(results / "summary.json", {**summary, **({"_base": base["test"]} if base else {})})
+    (results / "table.md").write_text(markdown_table(summary, base["test"] if base else None))
     if plot and by_arm:
         plot_curves(by_arm, results / "curves.png")
     return summary
@@ -419,7 +449,7 @@ def _slash(s: dict, *keys: str) -> str:
     return " / ".join(f"{100 * s[k]:.0f}" for k in keys) if all(k in s for k in keys) else ""
 
 
-def markdown_table(summary: dict[str, dict]) -> str:
+def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
     """Test avg@n per arm: mean ± std over seeds, per task, paired gain over GRPO, generations,
     and the spotlight diagnostic (precision / recall of the k3 top-40 % mask)."""
     if not summary:
@@ -438,6 +468,12 @@ def markdown_table(summary: dict[str, dict]) -> str:
         "k3 mass on visual",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base is not None:  # the starting point (one evaluation, no seeds)
+        per = [_pct(base["per_task"][t]) if t in base["per_task"] else "" for t in tasks]
+        cells = [_pct(base["accuracy"]) + " (base)", *per]
+        lines.append(
+            "| tiny base (no RL) | – | " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells) - 2)
+        )
     for arm, s in summary.items():
         row = [
             LABELS.get(arm, arm),
