@@ -33,6 +33,7 @@ CASES = {
     "nll": (LossConfig(), 0.7),
     "exact": (LossConfig(entropy_mode="exact"), 0.7),
     "exact-seq-kl": (LossConfig(entropy_mode="exact", loss_agg="seq", kl_coef=0.05, kl_estimator="k3"), 1.0),
+    "tis": (LossConfig(tis_cap=2.0), 1.0),  # truncated importance sampling vs a sampling engine
 }
 
 
@@ -75,6 +76,8 @@ def _batch(path: str, dtype: torch.dtype, case: str, seed: int = 0):
         temperature=temp,
         ref_logp=torch.where(valid, logp32 + 0.3 * torch.randn(B, T, generator=g), 0.0),
     )
+    if cfg.tis_cap is not None:  # weights on both sides of 1 and past the cap
+        kw["sampler_logp"] = torch.where(valid, old_logp + 1.2 * torch.randn(B, T, generator=g), 0.0)
     return leaves, kw, offs, adv_tok
 
 

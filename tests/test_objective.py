@@ -430,3 +430,40 @@ def test_policy_loss_bad_input(kw, match):
     ls = args.pop("loss_scale", 1.0)
     with pytest.raises(ValueError, match=match):
         policy_loss(**args, loss_scale=ls)
+
+
+def test_truncated_importance_sampling_weights_the_policy_term_by_min_ratio_cap():
+    # one row of 4 valid tokens, all kept, A = 1, pi = pi_old (ratio 1): the surrogate of token t
+    # is -A * w_t with w_t = min(pi_old / pi_sampler, cap); pg = sum_t -w_t / 4 (token mean)
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0]], requires_grad=True)
+    old = logp.detach().clone()
+    gap = torch.tensor([[math.log(2.0), math.log(0.5), 0.0, math.log(10.0)]])  # log pi_old - log pi_sampler
+    sampler = old - gap
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0])
+    cfg = LossConfig(entropy_coef=0.0, tis_cap=3.0)
+    loss, stats = policy_loss(logp, old, adv, None, valid, cfg, sampler_logp=sampler)
+    w = torch.tensor([2.0, 0.5, 1.0, 3.0])  # the last is truncated at the cap
+    assert float(loss) == pytest.approx(float(-w.sum() / 4), rel=1e-6)
+    assert stats["tis_weight_mean"] == pytest.approx(float(w.mean()), rel=1e-6)
+    # the weight is a constant: d loss / d logp_t = -A * ratio * w_t / 4 at ratio 1
+    loss.backward()
+    torch.testing.assert_close(logp.grad, (-w / 4)[None], rtol=1e-6, atol=1e-7)
+    # no mismatch: the weights are 1 and the loss is the uncorrected one
+    plain, _ = policy_loss(logp.detach(), old, adv, None, valid, LossConfig(entropy_coef=0.0))
+    same, st = policy_loss(logp.detach(), old, adv, None, valid, cfg, sampler_logp=old)
+    assert float(same) == float(plain) and st["tis_weight_mean"] == 1.0
+    with pytest.raises(ValueError, match="sampler_logp is required"):
+        policy_loss(logp.detach(), old, adv, None, valid, cfg)
+    with pytest.raises(ValueError, match="tis_cap"):
+        LossConfig(tis_cap=0.0)
+
+
+def test_tis_cap_needs_the_vllm_engine_at_temperature_one():
+    from vppo.config import load_config
+
+    with pytest.raises(ValueError, match="algo.tis_cap"):
+        load_config(None, ["algo.tis_cap=2.0"])
+    with pytest.raises(ValueError, match="algo.tis_cap"):
+        load_config(None, ["algo.tis_cap=2.0", "rollout.engine=vllm", "rollout.temperature=0.7"])
+    assert load_config(None, ["algo.tis_cap=2.0", "rollout.engine=vllm"]).algo.tis_cap == 2.0

@@ -143,6 +143,10 @@ class AlgoConfig:
     )
     loss_agg: Literal["token", "seq"] = _f("token", "token-mean over valid tokens or mean of sequence means")
     kl_coef: float = _f(0.0, "KL-to-reference coefficient (low_var_kl); 0 = no reference model")
+    tis_cap: float | None = _f(
+        None, "truncated importance sampling of the policy term, weight min(pi_old / pi_vllm, cap): "
+        "corrects the sampling engine's mismatch (rollout.engine=vllm, rollout.temperature=1); null = off"
+    )  # fmt: skip
 
 
 @dataclass
@@ -528,6 +532,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _check(a.dual_clip > 1, "algo.dual_clip", "must be > 1 or null", a.dual_clip)
     _check(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0", a.entropy_coef)
     _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
+    if a.tis_cap is not None:
+        _check(a.tis_cap > 0, "algo.tis_cap", "must be > 0 or null", a.tis_cap)
+        need = "needs the vllm engine's log-probs: rollout.engine=vllm and rollout.temperature=1"
+        _check(r.engine == "vllm" and r.temperature == 1.0, "algo.tis_cap", need, a.tis_cap)
 
     _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)

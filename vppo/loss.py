@@ -64,7 +64,7 @@ class LossOptions:
         a = cfg.algo
         objective = LossConfig(
             clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, entropy_coef=a.entropy_coef,
-            entropy_mode=a.entropy_mode, loss_agg=a.loss_agg, kl_coef=a.kl_coef,
+            entropy_mode=a.entropy_mode, loss_agg=a.loss_agg, kl_coef=a.kl_coef, tis_cap=a.tis_cap,
         )  # fmt: skip
         return cls(objective, temperature=cfg.rollout.temperature, impl=cfg.train.impl)
 
@@ -135,6 +135,7 @@ def vppo_loss_linear(
     *,
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
+    sampler_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VPPO micro-batch loss from the last hidden states and the lm_head weight.
 
@@ -142,7 +143,7 @@ def vppo_loss_linear(
     [N, H] rows already gathered at the N valid positions of response_mask (row-major order);
     weight: [V, H] lm_head weight (same dtype); labels: [B, T] sampled token ids (any value at
     invalid positions); opts: LossOptions; old_logp, advantages, token_mask, response_mask,
-    ref_logp, loss_scale: as in `vppo.objective.policy_loss` (opts.objective is its cfg).
+    ref_logp, loss_scale, sampler_logp: as in `vppo.objective.policy_loss` (opts.objective is its cfg).
     Differentiable w.r.t. hidden and weight; returns (scalar loss, stats).
     """
     _check_opts(opts)
@@ -151,7 +152,8 @@ def vppo_loss_linear(
     logp, entropy = kernels.token_logprobs_linear(
         rows, weight, y, temperature=opts.temperature, impl=opts.impl
     )
-    return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, ref_logp, loss_scale)
+    extras = dict(ref_logp=ref_logp, loss_scale=loss_scale, sampler_logp=sampler_logp)
+    return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, **extras)
 
 
 def vppo_loss(
@@ -165,6 +167,7 @@ def vppo_loss(
     *,
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
+    sampler_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VPPO micro-batch loss from logits [B, T, V] (or the gathered [N, V] valid rows) through
     `kernels.token_logprobs`; otherwise as `vppo_loss_linear`. Differentiable w.r.t. logits."""
@@ -172,10 +175,11 @@ def vppo_loss(
     valid, y = _check_common(labels, response_mask, "logits", logits)
     rows = logits[valid] if logits.dim() == 3 else logits  # (N, V)
     logp, entropy = kernels.token_logprobs(rows, y, temperature=opts.temperature, impl=opts.impl)  # (N,)
-    return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, ref_logp, loss_scale)
+    extras = dict(ref_logp=ref_logp, loss_scale=loss_scale, sampler_logp=sampler_logp)
+    return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, **extras)
 
 
-def _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, ref_logp, loss_scale):
+def _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, **extras):
     cfg = opts.objective
     ent = scatter_rows(entropy, response_mask) if cfg.entropy_mode == "exact" else None
     return policy_loss(
@@ -186,8 +190,7 @@ def _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts
         response_mask,
         cfg,
         entropy=ent,
-        ref_logp=ref_logp,
-        loss_scale=loss_scale,
+        **extras,
     )
 
 

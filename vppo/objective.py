@@ -51,6 +51,9 @@ class LossConfig:
     loss_agg: "token" (sum over kept tokens / all valid tokens) or "seq" (mean of per-sequence means).
     kl_coef, kl_estimator, kl_clamp: optional KL-to-reference term (0 = off, as released).
     logratio_clamp: log(pi/pi_old) and the k3 log-ratio are clamped to +-this before exp.
+    tis_cap: truncated importance sampling of the policy term for a sampling engine whose
+        probabilities differ from the trainer's: each token's surrogate is weighted by
+        min(pi_old / pi_sampler, tis_cap) (no gradient through the weight). None = off, as released.
     """
 
     clip_low: float = 0.2
@@ -63,6 +66,7 @@ class LossConfig:
     kl_estimator: str = "low_var_kl"
     kl_clamp: float = 10.0
     logratio_clamp: float = 20.0
+    tis_cap: float | None = None
 
     def __post_init__(self):
         def finite(name, lo=None, hi=None, lo_open=False):
@@ -82,6 +86,8 @@ class LossConfig:
         finite("kl_coef", 0.0)
         finite("kl_clamp", 0.0, lo_open=True)
         finite("logratio_clamp", 0.0, lo_open=True)
+        if self.tis_cap is not None:
+            finite("tis_cap", 0.0, lo_open=True)
         for name, allowed in (
             ("entropy_mode", ENTROPY_MODES),
             ("loss_agg", LOSS_AGGS),
@@ -405,13 +411,15 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
+    sampler_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The VPPO micro-batch loss (docs/algorithm.md section 4) -> (scalar loss, stats of detached floats).
 
     logp [B, T]: log pi_theta of the sampled tokens (differentiable); old_logp [B, T]: log pi_old;
     advantages [B] or [B, T] (already shaped by TAS); token_mask [B, T] bool: the TGF selection
     (None = every valid token); response_mask [B, T]: valid response tokens; entropy [B, T]:
-    exact entropy, needed for cfg.entropy_mode="exact"; ref_logp [B, T]: needed when kl_coef > 0.
+    exact entropy, needed for cfg.entropy_mode="exact"; ref_logp [B, T]: needed when kl_coef > 0;
+    sampler_logp [B, T]: the sampling engine's log-probs, needed when cfg.tis_cap is set.
     Per token, r = exp(clamp(logp - old_logp)), l1 = -A r, l2 = -A clip(r, 1 - cl, 1 + ch),
     l3 = -A dual_clip, l = max(l1, l2) if A >= 0 else min(max(l1, l2), l3); the masked-out tokens
     contribute 0 but stay in the denominator. loss = (pg + entropy_coef * H + kl_coef * KL) *
@@ -440,6 +448,10 @@ def policy_loss(
         _check_float("ref_logp", ref_logp, 2, logp, "logp")
     if not math.isfinite(float(loss_scale)) or float(loss_scale) < 0:
         raise ValueError(f"loss_scale must be a finite number >= 0, got {loss_scale!r}")
+    if cfg.tis_cap is not None and sampler_logp is None:
+        raise ValueError("sampler_logp is required with tis_cap (the sampling engine's log-probs)")
+    if sampler_logp is not None:
+        _check_float("sampler_logp", sampler_logp, 2, logp, "logp")
 
     # Sanitise invalid positions first: where() alone would still send NaN gradients through them.
     adv = advantages.float() if advantages.dim() == 2 else advantages.float()[:, None].expand_as(logp)
@@ -455,6 +467,11 @@ def policy_loss(
     if cfg.dual_clip is not None:
         l3 = -adv * cfg.dual_clip
         per_token = torch.where(adv < 0, torch.minimum(l12, l3), l12)
+    tis = None
+    if cfg.tis_cap is not None:  # min(pi_old / pi_sampler, cap), a constant weight per token
+        gap = torch.where(valid, old_logp.float() - sampler_logp.float(), 0.0)
+        tis = gap.clamp(-cfg.logratio_clamp, cfg.logratio_clamp).exp().clamp(max=cfg.tis_cap).detach()
+        per_token = per_token * tis
     pg = _aggregate(torch.where(keep, per_token, 0.0), valid, cfg.loss_agg)
 
     if cfg.entropy_mode == "nll":
@@ -509,6 +526,9 @@ def policy_loss(
         if kl is not None:
             names.append("kl_loss")
             vals.append(kl)
+        if tis is not None:
+            names.append("tis_weight_mean")
+            vals.append(_token_mean(tis, valid))
         stats = dict(zip(names, torch.stack([v.detach().float() for v in vals]).tolist()))
     return loss, stats
 
@@ -525,6 +545,7 @@ def reference_loss(
     temperature: float = 1.0,
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
+    sampler_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole VPPO micro-batch loss from materialized logits [B, T, V] (any float dtype).
 
@@ -559,4 +580,5 @@ def reference_loss(
         entropy=torch.where(valid, entropy, 0.0),
         ref_logp=ref_logp,
         loss_scale=loss_scale,
+        sampler_logp=sampler_logp,
     )

@@ -274,6 +274,7 @@ def update(
                     loss.vppo_loss_linear, labels=part.responses, old_logp=part.old_logp,
                     advantages=adv[idx], token_mask=part.token_mask,
                     response_mask=part.response_mask, opts=opts, ref_logp=part.ref_logp, loss_scale=scale,
+                    sampler_logp=part.sampler_logp,  # vllm engine: for algo.tis_cap
                 )  # fmt: skip
                 packing.set_boundary(engine, k, len(parts), t.max_tokens_per_micro)
                 inputs = packing.update_inputs(engine.module.hf, part, ids, t.packing)  # padded or packed
