@@ -154,7 +154,8 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     summary = json.loads((res / "summary.json").read_text())
     grpo = json.loads((res / "raw" / "grpo_s1.json").read_text())
     assert summary["grpo"]["test_mean"] == grpo["test"]["accuracy"] and summary["grpo"]["test_std"] == 0.0
-    assert "| GRPO | 1 |" in (res / "table.md").read_text() and (res / "curves.png").exists()
+    table = (res / "table.md").read_text()
+    assert f"| GRPO | 1 | {100 * grpo['test']['accuracy']:.1f} |" in table and (res / "curves.png").exists()
     # a third call finds everything done: nothing retrained
     stamp = (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -475,12 +475,18 @@ def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
             "| tiny base (no RL) | – | " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells) - 2)
         )
     for arm, s in summary.items():
+        many = len(s["seeds"]) > 1  # a spread only where there are seeds to spread over
         row = [
             LABELS.get(arm, arm),
             str(len(s["seeds"])),
-            _pct(s["test_mean"], s["test_std"]),
-            *[_pct(*s["per_task"][t]) if t in s["per_task"] else "" for t in tasks],
-            (f"{100 * s['vs_grpo_mean']:+.1f} ± {100 * s['vs_grpo_std']:.1f}" if "vs_grpo_mean" in s else ""),
+            _pct(s["test_mean"], s["test_std"] if many else None),
+            *[
+                _pct(s["per_task"][t][0], s["per_task"][t][1] if many else None) if t in s["per_task"] else ""
+                for t in tasks
+            ],
+            (f"{100 * s['vs_grpo_mean']:+.1f}" + (f" ± {100 * s['vs_grpo_std']:.1f}" if many else ""))
+            if "vs_grpo_mean" in s
+            else "",
             f"{s['generated_x']:.2f}x",
             f"{100 * s['base_rate']:.0f} %" if "base_rate" in s else "",
             _slash(s, "k3_recall", "kl_recall"),
