@@ -65,10 +65,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 # bench: writes bench/out/ and copies bench/out/README_table.md between the README's bench markers.
-# bench also measures rollout tokens/s, hf vs vllm (bench/case_rollout.py; vllm through .venv-vllm when built).
+# bench also measures rollout tokens/s, hf vs vllm (bench/case_rollout.py; vllm through .venv-vllm when built),
+# and packed vs padded passes: padded fraction, token / FLOP / CPU-time ratios (bench/case_packing.py).
 bench: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m bench --splice README.md
 	$(PY) -m bench.case_rollout --out bench/out
+	$(PY) -m bench.case_packing --out bench/out
 
 train: $(STAMP)
 	$(PY) -m vppo.train

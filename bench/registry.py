@@ -17,7 +17,7 @@ CASE_MODULES = (
     "token_logprobs",
     "token_logprobs_linear",
     "vppo_step",
-    "packing",  # no kernel cases: python -m bench.case_packing
+    "packing",  # no kernel cases: packed vs padded, python -m bench.case_packing (make bench runs it)
     "rollout",  # no kernel cases: hf vs vllm tokens/s, python -m bench.case_rollout (make bench runs it)
 )
 
