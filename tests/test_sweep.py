@@ -161,6 +161,15 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns == stamp
     assert "$ " not in (out / "vppo" / "seed1" / "sweep.log").read_text().split("vppo.spotlight")[-1]
+    # a later sitting without the run folders: the committed raw results stand, nothing retrained
+    before = {p.name: p.read_text() for p in (res / "raw").glob("*.json")}
+    out2 = tmp_path / "runs2"
+    r = subprocess.run([*cmd[: cmd.index("--out") + 1], str(out2), *cmd[cmd.index("--out") + 2 :]],
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert r.stdout.count("finished in an earlier sitting") == 2
+    assert not (out2 / "grpo" / "seed1" / "metrics.jsonl").exists()
+    assert {p.name: p.read_text() for p in (res / "raw").glob("*.json")} == before
 
 
 def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):

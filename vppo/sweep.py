@@ -11,7 +11,9 @@ then `python -m vppo.eval` on its export (test avg@n on the synthetic test split
 own cache makes it resumable too) and `python -m vppo.spotlight` (dependency precision / recall
 against the ground-truth visual tokens, and a picture). Every finished run writes one raw JSON
 (RESULTS/raw/<arm>_s<seed>.json: its validation curve, rewards, generations, test accuracy per task,
-spotlight summary); `aggregate` rebuilds RESULTS/table.md, RESULTS/summary.json and
+spotlight summary, and the overrides it ran with); a run whose raw JSON is there with the same
+overrides (bar run.output_dir) counts as finished even when its run folder is gone, so a sweep
+continues across sittings from the committed results. `aggregate` rebuilds RESULTS/table.md, RESULTS/summary.json and
 RESULTS/curves.png (mean over seeds with a +-1 std band) from those files alone.
 
 Arms (docs: README, "Spotlight sweep"), all on the same steps, prompts per step and samples per prompt:
@@ -207,6 +209,13 @@ class Sweep:
         """Train, evaluate, diagnose one (arm, seed), each phase skipped when already done."""
         rd = self.run_dir(arm, seed)
         log, b = rd / "sweep.log", self.budget
+        raw_path = self.results / "raw" / f"{arm}_s{seed}.json"
+        prev = _read_json(raw_path)
+        same = prev is not None and _same_run(prev["overrides"], self.overrides(arm, seed))
+        if same and not (rd / DONE).exists():
+            # finished in an earlier sitting whose run folders are gone: its committed result stands
+            print(f"[sweep] {arm} seed {seed}: finished in an earlier sitting ({raw_path})", flush=True)
+            return prev
         times = _read_json(rd / "sweep_times.json") or {}
         if not (rd / DONE).exists():
             t0 = time.time()
@@ -358,6 +367,12 @@ def eval_result(eval_dir: Path, test_parquet: Path) -> dict:
         "samples": res["samples"],
         "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
     }
+
+
+def _same_run(a: list[str], b: list[str]) -> bool:
+    """The same run but for where its folder is (run.output_dir)."""
+    here = lambda o: [x for x in o if not x.startswith("run.output_dir=")]  # noqa: E731
+    return here(a) == here(b)
 
 
 def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget, test_parquet: Path) -> dict:
