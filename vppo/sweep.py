@@ -13,8 +13,9 @@ against the ground-truth visual tokens, and a picture). Every finished run write
 (RESULTS/raw/<arm>_s<seed>.json: its validation curve, rewards, generations, test accuracy per task,
 spotlight summary, and the overrides it ran with); a run whose raw JSON is there with the same
 overrides (bar run.output_dir) counts as finished even when its run folder is gone, so a sweep
-continues across sittings from the committed results. `aggregate` rebuilds RESULTS/table.md, RESULTS/summary.json and
-RESULTS/curves.png (mean over seeds with a +-1 std band) from those files alone.
+continues across sittings from the committed results. `aggregate` rebuilds RESULTS/table.md,
+RESULTS/summary.json and RESULTS/curves.png (mean over seeds with a +-1 std band) from those files
+alone.
 
 Arms (docs: README, "Spotlight sweep"), all on the same steps, prompts per step and samples per prompt:
   grpo       GRPO: symmetric clip 0.2, no online filtering
