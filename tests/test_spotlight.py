@@ -268,3 +268,100 @@ def test_report_line():
     line = spotlight.report_line(spotlight.summarize(_rows(), 0.4))
     assert "1 of 2 responses" in line and "recall k3 100 %" in line and "random 0 %" in line
     assert "no response" in spotlight.report_line({"all": {"responses": 3, "parsed": 0}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# at every validation of a training run (run.spotlight_problems)
+
+
+def test_validation_metrics_are_the_summary_and_draw_the_samples(tmp_path, monkeypatch):
+    from vppo.config import AlgoConfig
+
+    seen = {}
+
+    def fake(hf, processor, ids, problems, **kw):
+        seen.update(kw)
+        torch.manual_seed(kw["seed"])  # as the real sampler does
+        torch.rand(3)
+        return _rows()
+
+    monkeypatch.setattr(spotlight, "sample_and_score", fake)
+    algo = AlgoConfig(topk_ratio=0.4, dependency="kl")
+    rng = torch.get_rng_state()
+    rec = spotlight.validation_metrics(
+        None, None, None, ["p"], algo, step=7, seed=3, suffix="S", max_new_tokens=9, out_dir=tmp_path
+    )
+    assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream is left as it was
+    s = spotlight.summarize(_rows(), 0.4)["all"]
+    assert rec["spot_parsed_frac"] == 0.5 and rec["spot_base_rate"] == pytest.approx(1 / 12)
+    assert rec["spot_kl_rprec"] == 1.0 and rec["spot_kl_dep_mass"] == pytest.approx(0.8)
+    keys = [k for k in spotlight.RUN_KEYS if s.get(k) is not None]
+    assert {k: rec[f"spot_{k}"] for k in keys} == {k: s[k] for k in keys}
+    # the run's algo reaches the scoring; the seed moves with the step
+    assert seen["dependency"] == "kl" and seen["ratio"] == 0.4 and seen["algo"] is algo
+    assert seen["max_new_tokens"] == 9 and seen["suffix"] == "S"
+    d = tmp_path / "step_000007"
+    assert (d / "spotlight.png").read_bytes()[:4] == b"\x89PNG"
+    assert (d / "spotlight.html").read_text().startswith("<!DOCTYPE html>")
+    assert json.loads((d / "spotlight.json").read_text())["summary"]["all"] == s
+    rec8 = spotlight.validation_metrics(
+        None, None, None, ["p"], algo, step=8, seed=3, suffix="S", max_new_tokens=9, out_dir=None
+    )
+    assert rec8 == rec and not (tmp_path / "step_000008").exists()  # out_dir=None (ranks > 0): no files
+
+
+def _spot_assets(tmp_path):
+    from helpers import make_micro_model
+
+    data = tmp_path / "d"
+    synth.write_synth(synth.SynthConfig(tasks=synth.SPOTLIGHT_TASKS, n_train=16, n_val=4, n_test=2), data)
+    return make_micro_model(tmp_path / "m"), data
+
+
+def test_run_logs_the_diagnostic_at_every_validation_without_changing_training(tmp_path):
+    from helpers import train_overrides
+
+    from vppo.config import load_config
+    from vppo.metrics import read_metrics
+    from vppo.train import train
+
+    assets = _spot_assets(tmp_path)
+    val = ("run.val_every=1", "run.val_samples=4", "rollout.val_n=1", "train.total_steps=2")
+    recs = {}
+    for n in (0, 2):
+        out = tmp_path / f"run{n}"
+        train(load_config(None, train_overrides(assets, out, *val, f"run.spotlight_problems={n}")))
+        recs[n] = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs[2]] == [0, 1, 2]
+    for r in recs[2]:
+        assert 0.0 <= r["spot_parsed_frac"] <= 1.0
+        d = tmp_path / "run2" / "spotlight" / f"step_{r['step']:06d}"
+        res = json.loads((d / "spotlight.json").read_text())
+        assert len(res["responses"]) == 2 * 2  # 2 problems x 2 responses
+        a = res["summary"]["all"]
+        assert r["spot_parsed_frac"] == a["parsed"] / a["responses"]
+        assert {k: r[k] for k in r if k.startswith("spot_") and k != "spot_parsed_frac"} == {
+            f"spot_{k}": a[k] for k in spotlight.RUN_KEYS if a.get(k) is not None
+        }
+        assert (d / "spotlight.png").read_bytes()[:4] == b"\x89PNG"
+        assert (d / "spotlight.html").read_text().startswith("<!DOCTYPE html>")
+    assert not (tmp_path / "run0" / "spotlight").exists()
+    # the diagnostic runs in a forked RNG: the training is the same with it as without it
+    timing = ("time", "_s", "tokens_per_s", "samples_per_s")
+
+    def train_keys(r):
+        return {k: v for k, v in r.items() if not k.startswith("spot_") and not any(t in k for t in timing)}
+
+    assert [train_keys(r) for r in recs[2]] == [train_keys(r) for r in recs[0]]
+
+
+def test_spotlight_problems_need_known_visual_tokens_and_validation(tmp_path):
+    from helpers import make_micro_model, make_synth, train_setup
+
+    from vppo.config import load_config
+
+    assets = (make_micro_model(tmp_path / "m"), make_synth(tmp_path / "d", n_train=8, n_val=2, n_test=2))
+    with pytest.raises(ValueError, match=r"run.spotlight_problems=2: no problem of data.val=.*known visual"):
+        train_setup(assets, tmp_path / "r", "run.val_every=1", "run.spotlight_problems=2")
+    with pytest.raises(ValueError, match=r"run.spotlight_problems.*needs run.val_every > 0"):
+        load_config(None, ["run.val_every=0", "run.spotlight_problems=2"])

@@ -114,7 +114,7 @@ def test_prompt_suffix_reaches_rollouts_validation_and_the_length_filter(assets,
         return real(problems, processor, suffix, **kw)
 
     monkeypatch.setattr(vppo.evaluate, "encode_prompts", spy)
-    validate(run)
+    validate(run, 1)
     assert seen and set(seen) == {suffix}
     # the overlong filter measures prompts with the configured suffix: a bound that every prompt
     # with the short suffix meets drops every prompt with the long default one

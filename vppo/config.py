@@ -190,6 +190,12 @@ class RunConfig:
     )
     val_every: int = _f(25, "validate every N steps; 0 = off")
     val_samples: int = _f(128, "validation problems (0 = all)")
+    spotlight_problems: int = _f(
+        0,
+        "at each validation, the dependency diagnostic (vppo.spotlight) on the first N validation problems "
+        "with known visual tokens (data.synth=spotlight), 2 responses each: spot_* metrics and drawn samples "
+        "in <output_dir>/spotlight/step_N/; 0 = off",
+    )
     watchdog_seconds: float = _f(1800.0, "dump all stacks when a phase runs longer than this; 0 = off")
     export_hf: bool = _f(True, "export the final policy in Hugging Face format")
     tensorboard: bool = _f(True, "write TensorBoard logs")
@@ -464,8 +470,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         ("run.save_every", u.save_every),
         ("run.val_every", u.val_every),
         ("run.val_samples", u.val_samples),
+        ("run.spotlight_problems", u.spotlight_problems),
     ]:
         _check(v >= 0, key, "must be >= 0", v)
+    _check(u.spotlight_problems == 0 or u.val_every > 0, "run.spotlight_problems",
+           "runs at validation: needs run.val_every > 0", u.spotlight_problems)  # fmt: skip
     _check(
         d.max_pixels >= d.min_pixels,
         "data.max_pixels",

@@ -13,7 +13,9 @@ from pathlib import Path
 
 log = logging.getLogger("vppo.metrics")
 
-CURVES = ("reward", "val_accuracy", "response_len", "kept_frac", "alpha_mean", "entropy", "grad_norm")
+# spot_k3_rprec: the spotlight diagnostic at validation (run.spotlight_problems)
+CURVES = ("reward", "val_accuracy", "spot_k3_rprec", "response_len", "kept_frac", "alpha_mean", "entropy",
+          "grad_norm")  # fmt: skip
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -306,6 +306,70 @@ def report_line(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# at every validation of a training run (run.spotlight_problems)
+
+# the numbers of summarize()["all"] a run logs at validation, as spot_<name> (None ones are left out)
+RUN_KEYS = (
+    "parsed_frac", "base_rate", "k3_precision", "k3_recall", "kl_recall",
+    "k3_rprec", "kl_rprec", "entropy_rprec", "random_rprec", "k3_dep_mass", "kl_dep_mass",
+)  # fmt: skip
+
+
+def validation_problems(problems, n: int, where: str) -> list:
+    """The first n problems whose task has known visual spans (vppo.synth.VISUAL_PATTERNS); a clear
+    error when n > 0 and `where` (e.g. "data.val=...") has none."""
+    out = [p for p in problems if p.meta.get("task") in synth.VISUAL_PATTERNS][:n]
+    if n and not out:
+        raise ValueError(
+            f"run.spotlight_problems={n}: no problem of {where} has known visual tokens (its tasks must "
+            f"be among {sorted(synth.VISUAL_PATTERNS)}: data.synth=spotlight)"
+        )
+    return out
+
+
+def validation_metrics(
+    hf,
+    processor,
+    ids,
+    problems,
+    algo,
+    *,
+    step: int,
+    seed: int,
+    suffix: str | None,
+    max_new_tokens: int,
+    out_dir: Path | None,
+    samples: int = 2,
+    show: int = 6,
+) -> dict:
+    """The diagnostic on the live policy at a validation: spot_* numbers for the run's metrics and,
+    when `out_dir` is given (rank 0), the samples drawn in out_dir/step_<step>/ (HTML, PNG, JSON).
+
+    Seeded by (seed, step) and run inside a forked RNG, so it leaves the training's random stream
+    as it found it; the scores come from the loop's own perturbation and scoring pass with the
+    run's algo (perturbation, dependency, top-k ratio)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        rows = sample_and_score(
+            hf, processor, ids, problems, samples=samples, max_new_tokens=max_new_tokens,
+            seed=seed * 1_000_003 + step, suffix=suffix, ratio=algo.topk_ratio,
+            dependency=algo.dependency, algo=algo,
+        )  # fmt: skip
+    summary = summarize(rows, algo.topk_ratio)
+    a = dict(summary["all"])
+    a["parsed_frac"] = a["parsed"] / a["responses"] if a["responses"] else 0.0
+    if out_dir is not None:
+        d = Path(out_dir) / f"step_{step:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        shown = rows[:show]
+        render_html(shown, d / "spotlight.html", algo.dependency, title=f"VPPO spotlight, step {step}")
+        render_png(shown, d / "spotlight.png", algo.dependency)
+        body = {"summary": summary, "responses": _to_json(rows)}
+        (d / "spotlight.json").write_text(json.dumps(body, indent=1))
+    return {f"spot_{k}": a[k] for k in RUN_KEYS if a.get(k) is not None}
+
+
+# ----------------------------------------------------------------------------------------------------
 # the picture
 
 
@@ -391,7 +455,9 @@ def render_png(rows: list[Scored], out: str | Path, score: str = "k3", max_chars
             t = fig.text(
                 x,
                 y,
-                p.replace("$", r"\$"),
+                "".join(c if c.isprintable() else "\u00b7" for c in p).replace(
+                    "$", r"\$"
+                ),  # control chars: a dot
                 family="monospace",
                 fontsize=8,
                 va="center",

@@ -80,6 +80,7 @@ class Run:
     processor: ProcessorMixin  # the Hugging Face processor of cfg.model.path
     train_set: vdata.ProblemSet
     val_problems: list[vdata.Problem] | None
+    spot_problems: list[vdata.Problem]  # run.spotlight_problems: val problems with known visual tokens
     hf: nn.Module
     engine: DeepSpeedEngine  # around vppo.model.Policy(hf)
     ref: nn.Module | None  # frozen reference policy (algo.kl_coef > 0)
@@ -135,6 +136,7 @@ def setup(cfg: Config) -> Run:
     )  # fmt: skip
     train_set = load(d.train, "train")
     val_problems = list(load(d.val, "val"))[: cfg.run.val_samples or None] if cfg.run.val_every else None
+    spot = spotlight.validation_problems(val_problems or [], cfg.run.spotlight_problems, f"data.val={d.val}")
     dv = batch_numbers(cfg, world, len(train_set))
     if rank == 0:
         st = train_set.stats
@@ -152,7 +154,7 @@ def setup(cfg: Config) -> Run:
     r = cfg.rollout
     sync = torch.cuda.synchronize if torch.cuda.is_available() else None
     run = Run(
-        cfg, rank, world, processor, train_set, val_problems, hf, engine, ref,
+        cfg, rank, world, processor, train_set, val_problems, spot, hf, engine, ref,
         ids=token_ids(hf, processor),
         gen=GenSettings(r.temperature, r.top_p, r.top_k, r.max_response_len),
         opts=loss.LossOptions.from_config(cfg),
@@ -174,22 +176,22 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def validate(run: Run) -> dict:
-    """avg@val_n on the validation problems, through the evaluation's own code."""
-    r = run.cfg.rollout
+def validate(run: Run, step: int) -> dict:
+    """avg@val_n on the validation problems, through the evaluation's own code, and the spotlight
+    diagnostic (run.spotlight_problems; samples drawn in <run>/spotlight/step_N/ by rank 0)."""
+    r, out = run.cfg.rollout, Path(run.cfg.run.output_dir) / "spotlight"
     run.hf.eval()
     res = evaluate_problems(
-        run.hf,
-        run.processor,
-        run.val_problems,
-        samples=r.val_n,
+        run.hf, run.processor, run.val_problems, samples=r.val_n, seed=run.cfg.train.seed, benchmark="val",
         gen=GenSettings(r.val_temperature, r.val_top_p, r.val_top_k, r.max_response_len),
-        seed=run.cfg.train.seed,
-        benchmark="val",
-        batch_size=max(1, run.cfg.train.logprob_micro_batch // r.val_n),
-        suffix=run.cfg.data.prompt_suffix,
-    )
-    return {"val_accuracy": res.accuracy, "val_stderr": res.stderr}
+        batch_size=max(1, run.cfg.train.logprob_micro_batch // r.val_n), suffix=run.cfg.data.prompt_suffix,
+    )  # fmt: skip
+    spot = run.spot_problems and spotlight.validation_metrics(
+        run.hf, run.processor, run.ids, run.spot_problems, run.cfg.algo, step=step, seed=run.cfg.train.seed,
+        suffix=run.cfg.data.prompt_suffix, max_new_tokens=r.max_response_len, out_dir=out if run.rank == 0
+        else None,
+    )  # fmt: skip
+    return {"val_accuracy": res.accuracy, "val_stderr": res.stderr, **(spot or {})}
 
 
 def prepare(run: Run, step: int) -> tuple[Trajectory, SampleInfo]:
@@ -348,7 +350,7 @@ def train(cfg: Config) -> dict:
     # under ZeRO-3 every forward gathers the weights from all ranks: all ranks validate (rank 0 logs)
     val_here = rank == 0 or zero3_partitioned(run.hf.parameters())
     if val_here and run.start == 0 and val_on:
-        rec = {"step": 0, **validate(run)}
+        rec = {"step": 0, **validate(run, 0)}
         run.metrics.log(rec)
         if rank == 0:
             print(f"step 0: val accuracy {rec['val_accuracy']:.3f} +- {rec['val_stderr']:.3f}", flush=True)
@@ -358,7 +360,7 @@ def train(cfg: Config) -> dict:
         rec = train_step(run, step)
         if val_on and step % cfg.run.val_every == 0 and val_here:
             with run.timer.phase("validate"):
-                rec.update(validate(run))
+                rec.update(validate(run, step))
         barrier()
         run.metrics.log(rec)
         last = rec
