@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,21 @@ def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):
     assert c.run.spotlight_problems == 8 and o.run.spotlight_problems == 0
     o.run.spotlight_problems = c.run.spotlight_problems
     assert c == o
+
+
+def test_readme_table_is_the_committed_sweep_table():
+    """The README's results table is docs/sweep/table.md as vppo.sweep --aggregate-only writes it
+    from the committed raw results (rebuilt here into a temporary folder)."""
+    import shutil
+    import tempfile
+
+    root = sweep.REPO_ROOT
+    committed = (root / "docs" / "sweep" / "table.md").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(root / "docs" / "sweep" / "raw", f"{tmp}/raw")
+        shutil.copy(root / "docs" / "sweep" / "base.json", f"{tmp}/base.json")
+        sweep.aggregate(Path(tmp), plot=False)
+        assert (Path(tmp) / "table.md").read_text() == committed
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("<!-- sweep:start -->") : readme.index("<!-- sweep:end -->")]
+    assert committed.strip() in section

@@ -93,7 +93,7 @@ class Metrics:
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
         for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
             pts = [(r["step"], r[k]) for r in hist if k in r]
-            ax.plot(*zip(*pts), marker="." if k == "val_accuracy" else None)
+            ax.plot(*zip(*pts), marker="." if k in ("val_accuracy", "spot_k3_rprec") else None)
             ax.set_title(k)
             ax.set_xlabel("step")
         fig.tight_layout()
