@@ -171,6 +171,19 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     assert r.stdout.count("finished in an earlier sitting") == 2
     assert not (out2 / "grpo" / "seed1" / "metrics.jsonl").exists()
     assert {p.name: p.read_text() for p in (res / "raw").glob("*.json")} == before
+    # every result names the base it started from; one from another base stops the sweep, clearly
+    sha = sweep.base_fingerprint(model)
+    assert json.loads((res / "base.json").read_text())["base_sha"] == sha
+    assert {json.loads(t)["base_sha"] for t in before.values()} == {sha}
+    tampered = {**json.loads(before["grpo_s1.json"]), "base_sha": "0" * 16}
+    (res / "raw" / "grpo_s1.json").write_text(json.dumps(tampered))
+    out3 = tmp_path / "runs3"
+    r = subprocess.run([*cmd[: cmd.index("--out") + 1], str(out3), *cmd[cmd.index("--out") + 2 :]],
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "different bases are not one sweep" in r.stderr, r.stderr[-2000:]
+    assert not (out3 / "grpo" / "seed1" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="2 different bases"):
+        sweep.aggregate(res, plot=False)
 
 
 def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):

@@ -31,6 +31,8 @@ Everything else (lr, entropy penalty 0.06, token-mean loss, dual clip) is the ti
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
@@ -214,7 +216,9 @@ class Sweep:
         prev = _read_json(raw_path)
         same = prev is not None and _same_run(prev["overrides"], self.overrides(arm, seed))
         if same and not (rd / DONE).exists():
-            # finished in an earlier sitting whose run folders are gone: its committed result stands
+            # finished in an earlier sitting whose run folders are gone: its committed result stands,
+            # if it started from this sitting's base
+            check_base(prev, self.base_sha, raw_path)
             print(f"[sweep] {arm} seed {seed}: finished in an earlier sitting ({raw_path})", flush=True)
             return prev
         times = _read_json(rd / "sweep_times.json") or {}
@@ -276,6 +280,7 @@ class Sweep:
             times["spotlight_s"] = time.time() - t0
             _write_json(rd / "sweep_times.json", times)
         raw = collect(rd, arm, seed, self.overrides(arm, seed), b, self.data_dir() / "test.parquet")
+        raw["base_sha"] = self.base_sha
         raw["seconds"] = {k: round(v, 1) for k, v in times.items()}
         _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
         return raw
@@ -288,9 +293,18 @@ class Sweep:
 
         return str(ensure_tiny_model(variant("spotlight")[1]))
 
+    @functools.cached_property
+    def base_sha(self) -> str:
+        return base_fingerprint(self.base_model())
+
     def run_base(self) -> dict:
         """Test avg@n of the base every arm starts from (once; RESULTS/base.json)."""
         d, b = self.out / "base" / "eval", self.budget
+        prev = _read_json(self.results / "base.json")
+        if prev is not None:
+            check_base(prev, self.base_sha, self.results / "base.json")
+            if prev.get("base_sha") is None and not (d / "manifest.json").exists():
+                return prev  # recorded before fingerprints: the committed evaluation stands
         if not (d / "manifest.json").exists():
             cmd = [
                 self.python, "-m", "vppo.eval", "--model", self.base_model(), "--benchmarks", "synth",
@@ -300,7 +314,11 @@ class Sweep:
             if b.eval_limit:
                 cmd += ["--limit", str(b.eval_limit)]
             _run(cmd, self.out / "base" / "sweep.log", self.threads)
-        res = {"model": self.base_model(), "test": eval_result(d, self.data_dir() / "test.parquet")}
+        res = {
+            "model": self.base_model(),
+            "base_sha": self.base_sha,
+            "test": eval_result(d, self.data_dir() / "test.parquet"),
+        }
         _write_json(self.results / "base.json", res)
         return res
 
@@ -338,6 +356,33 @@ class Sweep:
         if failed:
             print(f"[sweep] failed runs (rerun the same command to resume them): {failed}", flush=True)
         return aggregate(self.results)
+
+
+def base_fingerprint(model_dir: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a model folder's weight files: the base a run started from."""
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    for p in files:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_base(recorded: dict, sha: str, where: Path) -> None:
+    """A committed result counts for this sitting only if it started from the same base weights (a
+    tiny base rebuilt on another machine can differ: README, "Reproducing the numbers")."""
+    theirs = recorded.get("base_sha")
+    if theirs is None:
+        print(f"[sweep] note: {where} has no base fingerprint (recorded before fingerprints); "
+              f"taken as from this sitting's base {sha}, which cannot be checked", flush=True)  # fmt: skip
+    elif theirs != sha:
+        raise ValueError(
+            f"{where} was measured from base weights {theirs}, this sitting's base is {sha}: runs from "
+            "different bases are not one sweep. Use another --results folder, or rebuild that base."
+        )
 
 
 def _read_json(p: Path):
@@ -422,6 +467,9 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
     """table.md, summary.json (and curves.png) of RESULTS from RESULTS/raw/*.json alone."""
     results = Path(results)
     by_arm = load_raw(results)
+    shas = {r.get("base_sha") for runs in by_arm.values() for r in runs} - {None}
+    if len(shas) > 1:
+        raise ValueError(f"{results}/raw holds runs from {len(shas)} different bases {sorted(shas)}")
     summary: dict[str, dict] = {}
     grpo = {r["seed"]: r["test"]["accuracy"] for r in by_arm.get("grpo", [])}
     for arm, runs in by_arm.items():
@@ -598,7 +646,11 @@ def main(argv: list[str] | None = None) -> dict:
     sw = Sweep(
         Path(args.out), Path(args.results), budget, tuple(args.set), args.model, args.data, args.threads
     )
-    summary = sw.run(arms, seeds)
+    try:
+        summary = sw.run(arms, seeds)
+    except ValueError as e:  # results of another base: say so, no traceback
+        print(f"vppo.sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(markdown_table(summary))
     return summary
 
