@@ -376,8 +376,8 @@ def check_base(recorded: dict, sha: str, where: Path) -> None:
     tiny base rebuilt on another machine can differ: README, "Reproducing the numbers")."""
     theirs = recorded.get("base_sha")
     if theirs is None:
-        print(f"[sweep] note: {where} has no base fingerprint (recorded before fingerprints); "
-              f"taken as from this sitting's base {sha}, which cannot be checked", flush=True)  # fmt: skip
+        print(f"[sweep] note: {where} has no base fingerprint (recorded before fingerprints), so it "
+              f"cannot be checked against this sitting's base {sha}; kept as it is", flush=True)  # fmt: skip
     elif theirs != sha:
         raise ValueError(
             f"{where} was measured from base weights {theirs}, this sitting's base is {sha}: runs from "
