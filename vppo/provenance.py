@@ -4,7 +4,8 @@
   size and mtime), and of them all;
 - `problems_hash`, `sha256_file`: the problems' text, answers and image bytes; a source file's bytes;
 - `grader_version`: the grader's declared version and a hash of its source (vppo.reward);
-- `package_versions`: the packages that change a sample or a grade, Python, CUDA and the git commit;
+- `package_versions`: the packages that change a sample or a grade, Python, CUDA, the CPU (`machine`)
+  and the git commit;
 - `prompt_template`: the prompt suffix, a hash of the chat template and one rendered prompt.
 """
 
@@ -84,6 +85,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def machine() -> dict:
+    """The CPU model and its widest vector ISA: CPU kernels differ by ISA, and with them the last
+    bits of a build (the tiny base) or a sample."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+            if flags and model:
+                break
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), None)
+    return {"cpu": model, "isa": isa, "cpus": os.cpu_count()}
+
+
 def package_versions() -> dict:
     names = (
         "torch",
@@ -98,6 +115,7 @@ def package_versions() -> dict:
     )
     out = {n: _version(n) for n in names}
     out["python"] = platform.python_version()
+    out["machine"] = machine()
     out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
     try:
         repo = Path(__file__).resolve().parents[1]

@@ -281,6 +281,7 @@ class Sweep:
             _write_json(rd / "sweep_times.json", times)
         raw = collect(rd, arm, seed, self.overrides(arm, seed), b, self.data_dir() / "test.parquet")
         raw["base_sha"] = self.base_sha
+        raw["packages"] = _read_json(rd / "eval" / "manifest.json").get("packages")
         raw["seconds"] = {k: round(v, 1) for k, v in times.items()}
         _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
         return raw
@@ -318,6 +319,7 @@ class Sweep:
             "model": self.base_model(),
             "base_sha": self.base_sha,
             "test": eval_result(d, self.data_dir() / "test.parquet"),
+            "packages": _read_json(d / "manifest.json").get("packages"),  # what the numbers ran on
         }
         _write_json(self.results / "base.json", res)
         return res

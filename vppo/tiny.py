@@ -65,6 +65,7 @@ from vppo.data import (
     save_prompt_suffix,
     vision_token_ids,
 )
+from vppo.provenance import package_versions
 from vppo.synth import SYNTH_VERSION, SynthConfig, ensure_synth_data
 
 logger = logging.getLogger(__name__)
@@ -517,6 +518,8 @@ def build_tiny_model(
             "warm_start_steps": log["steps"],
             "warm_start_seconds": log["seconds"],
             "threads": torch.get_num_threads(),
+            # the same key on another machine or package set can build other weights (README)
+            "packages": package_versions(),
             "config": asdict(cfg),
             "history": log["history"],
         }
