@@ -362,15 +362,13 @@ class Sweep:
 
 def base_fingerprint(model_dir: str | Path) -> str:
     """sha256 (first 16 hex digits) of a model folder's weight files: the base a run started from."""
-    h = hashlib.sha256()
+    from vppo.provenance import sha256_file  # heavy (torch): only when a base is hashed
+
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    for p in files:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    digests = "\n".join(f"{p.name} {sha256_file(p)}" for p in files)
+    return hashlib.sha256(digests.encode()).hexdigest()[:16]
 
 
 def check_base(recorded: dict, sha: str, where: Path) -> None:
