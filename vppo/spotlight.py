@@ -359,13 +359,8 @@ def validation_metrics(
     a = dict(summary["all"])
     a["parsed_frac"] = a["parsed"] / a["responses"] if a["responses"] else 0.0
     if out_dir is not None:
-        d = Path(out_dir) / f"step_{step:06d}"
-        d.mkdir(parents=True, exist_ok=True)
-        shown = rows[:show]
-        render_html(shown, d / "spotlight.html", algo.dependency, title=f"VPPO spotlight, step {step}")
-        render_png(shown, d / "spotlight.png", algo.dependency)
-        body = {"summary": summary, "responses": _to_json(rows)}
-        (d / "spotlight.json").write_text(json.dumps(body, indent=1))
+        write_view(rows, summary, Path(out_dir) / f"step_{step:06d}", algo.dependency, show,
+                   title=f"VPPO spotlight, step {step}")  # fmt: skip
     return {f"spot_{k}": a[k] for k in RUN_KEYS if a.get(k) is not None}
 
 
@@ -496,6 +491,15 @@ def _to_json(rows: list[Scored]) -> list[dict]:
     ]
 
 
+def write_view(rows: list[Scored], summary: dict, out: Path, score: str, show: int, title: str) -> None:
+    """out/spotlight.html and .png (the first `show` responses) and out/spotlight.json (all)."""
+    out.mkdir(parents=True, exist_ok=True)
+    render_html(rows[:show], out / "spotlight.html", score, title=title)
+    render_png(rows[:show], out / "spotlight.png", score)
+    body = {"summary": summary, "responses": _to_json(rows)}
+    (out / "spotlight.json").write_text(json.dumps(body, indent=1))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a local model folder (a run's export/, the tiny base)")
@@ -544,14 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
         dependency=args.dependency,
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, args.ratio)
-    shown = rows[: args.show]
-    render_html(shown, out / "spotlight.html", args.dependency, title=f"VPPO spotlight: {args.model}")
-    render_png(shown, out / "spotlight.png", args.dependency)
-    (out / "spotlight.json").write_text(
-        json.dumps({"summary": summary, "responses": _to_json(rows)}, indent=1)
-    )
+    write_view(rows, summary, out, args.dependency, args.show, title=f"VPPO spotlight: {args.model}")
     print(json.dumps(summary["all"], indent=1))
     print(f"wrote {out}/spotlight.html, spotlight.png, spotlight.json")
     return summary
