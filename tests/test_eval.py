@@ -552,13 +552,6 @@ def test_math_verify_agreement_is_reported():
     assert f"agree on {a['agree']}/4" in report.markdown_report(summary, "m", None)
 
 
-def test_model_tiny_resolves_through_vppo_tiny(monkeypatch, tmp_path):
-    import vppo.tiny
-
-    monkeypatch.setattr(vppo.tiny, "ensure_tiny_model", lambda *a, **k: tmp_path)
-    assert ev._resolve_model("tiny") == str(tmp_path)
-
-
 def test_cache_regrades_instead_of_regenerating_when_only_the_grader_changed(tmp_path):
     key = {"model": "m", "seed": 0}
     path = tmp_path / "c.jsonl"

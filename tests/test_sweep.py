@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vppo import sweep
+from vppo import bases, sweep
 
 
 def _raw(arm, seed, acc, tasks, curve, gen=1.0):
@@ -118,8 +118,6 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
         "--set",
         "rollout.max_response_len=8",
         "--set",
-        "train.micro_batch=4",
-        "--set",
         "train.impl=torch",
     ]
     env = subprocess_env()
@@ -172,7 +170,7 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     assert not (out2 / "grpo" / "seed1" / "metrics.jsonl").exists()
     assert {p.name: p.read_text() for p in (res / "raw").glob("*.json")} == before
     # every result names the base it started from; one from another base stops the sweep, clearly
-    sha = sweep.base_fingerprint(model)
+    sha = bases.weights_fingerprint(model)
     assert json.loads((res / "base.json").read_text())["base_sha"] == sha
     assert {json.loads(t)["base_sha"] for t in before.values()} == {sha}
     tampered = {**json.loads(before["grpo_s1.json"]), "base_sha": "0" * 16}
@@ -184,6 +182,91 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     assert not (out3 / "grpo" / "seed1" / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match="2 different bases"):
         sweep.aggregate(res, plot=False)
+    # a truncated raw result is named, in a sweep and in --aggregate-only, without a traceback
+    (res / "raw" / "grpo_s1.json").write_text(before["grpo_s1.json"][:40])
+    for extra in ([], ["--aggregate-only"]):
+        r = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "grpo_s1.json: not valid JSON" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+
+
+def test_quick_as_documented_fits_its_batch(tmp_path):
+    """`python -m vppo.sweep --quick`, exactly as documented, gives every arm a loadable config (issue 26
+    item 3: the default train.micro_batch=32 did not divide the quick mini-batch of 2 x 4 samples)."""
+    from vppo.config import batch_numbers, load_config
+
+    sw = sweep.Sweep(tmp_path, tmp_path, sweep.QUICK)
+    for arm in ("grpo", "vppo"):
+        batch_numbers(load_config(None, sw.overrides(arm, 1)), 1)  # raises when a size does not divide
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "abc"], "comma-separated non-negative integers"),
+        (["--seeds", "1,,2"], "comma-separated non-negative integers"),
+        (["--seeds", "1.5"], "comma-separated non-negative integers"),
+        (["--seeds", "1,1"], "a seed is repeated"),
+        (["--steps", "0"], "a positive integer"),
+        (["--arms", "grpo,nope"], "unknown arms ['nope']"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*args, "--out", str(tmp_path / "o"), "--results", str(tmp_path / "r")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_run_makes_the_sweep_fail(tmp_path):
+    """Every run failing (here: a training config the loop rejects) ends in a non-zero exit naming the
+    runs, after the others ran; before issue 26 such a sweep exited 0."""
+    from helpers import make_micro_model, subprocess_env
+
+    from vppo import synth
+
+    model = make_micro_model(tmp_path / "m")
+    data = tmp_path / "d"
+    synth.write_synth(synth.SynthConfig(tasks=synth.SPOTLIGHT_TASKS, n_train=12, n_val=4, n_test=4), data)
+    out, res = str(tmp_path / "o"), str(tmp_path / "r")
+    cmd = [sys.executable, "-m", "vppo.sweep", "--quick", "--model", str(model), "--data", str(data),
+           "--out", out, "--results", res, "--set", "algo.clip_low=-1"]  # fmt: skip
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    assert "2 run(s) failed: [('grpo', 1), ('vppo', 1)]" in r.stderr
+
+
+def test_paired_differences_by_hand():
+    by_arm = {
+        "grpo": [{"seed": s, "test": {"accuracy": a}} for s, a in [(1, 0.30), (2, 0.34), (3, 0.40)]],
+        "vppo": [{"seed": s, "test": {"accuracy": a}} for s, a in [(1, 0.40), (2, 0.36), (4, 0.9)]],
+    }
+    p = sweep.paired(by_arm, "vppo", "grpo")
+    assert p["seeds"] == [1, 2] and p["diffs"] == pytest.approx([0.10, 0.02]) and p["higher"] == 2
+    half = 12.706 * math.sqrt(2 * 0.04**2) / math.sqrt(2)  # t(0.975, 1 df) * sd / sqrt(n)
+    assert p["ci95"] == pytest.approx([0.06 - half, 0.06 + half])
+    one = sweep.paired({"a": by_arm["grpo"][:1], "b": by_arm["vppo"][:1]}, "a", "b")
+    assert one["ci95"] is None and one["std"] == 0.0
+    table = sweep.paired_table({"VPPO - GRPO": p})
+    assert "| VPPO - GRPO | 2 | +10.0, +2.0 | +6.0 ± 5.7 | [-44.8, +56.8] | 2 of 2 |" in table
+
+
+def test_testbeds_plan_the_issue_seeds():
+    """The spotlight sweep: GRPO, VPPO, TGF only and random 40 % on seeds 1-5, the rest on 1-3; the
+    default testbed runs the README's two commands (the tiny default and its GRPO baseline)."""
+    from vppo.config import Config, load_config
+
+    tb = sweep.TESTBEDS["spotlight"]
+    assert {a for a, s in tb.seeds.items() if s == (1, 2, 3, 4, 5)} == set(sweep.KEY_ARMS)
+    assert {a for a, s in tb.seeds.items() if s == (1, 2, 3)} == set(sweep.ARMS) - set(sweep.KEY_ARMS)
+    d = sweep.TESTBEDS["default"]
+    assert load_config(None, d.arms["vppo"]) == Config()
+    sw = sweep.Sweep(Path("o"), Path("r"), d.budget, testbed=d)
+    cfg = load_config(None, sw.overrides("vppo", 1))
+    base = Config()
+    for section in ("model", "data", "rollout", "algo"):
+        assert getattr(cfg, section) == getattr(base, section), section
+    assert (cfg.train.total_steps, cfg.run.val_every, cfg.run.val_samples) == (100, 25, 128)
 
 
 def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):
@@ -200,16 +283,16 @@ def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):
 
 
 def test_readme_table_is_the_committed_sweep_table():
-    """The README's results table is docs/sweep/table.md as vppo.sweep --aggregate-only writes it
-    from the committed raw results (rebuilt here into a temporary folder)."""
+    """The README's results table is docs/sweep_legacy/table.md as vppo.sweep --aggregate-only writes
+    it from the committed raw results (rebuilt here into a temporary folder)."""
     import shutil
     import tempfile
 
     root = sweep.REPO_ROOT
-    committed = (root / "docs" / "sweep" / "table.md").read_text()
+    committed = (root / "docs" / "sweep_legacy" / "table.md").read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(root / "docs" / "sweep" / "raw", f"{tmp}/raw")
-        shutil.copy(root / "docs" / "sweep" / "base.json", f"{tmp}/base.json")
+        shutil.copytree(root / "docs" / "sweep_legacy" / "raw", f"{tmp}/raw")
+        shutil.copy(root / "docs" / "sweep_legacy" / "base.json", f"{tmp}/base.json")
         sweep.aggregate(Path(tmp), plot=False)
         assert (Path(tmp) / "table.md").read_text() == committed
     readme = (root / "README.md").read_text()

@@ -54,7 +54,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "HF model folder or hub id; null = the tiny base (python -m vppo.tiny)")
+    path: str | None = _f(None, "HF model folder or hub id; null = the tiny base of data.synth (model.base)")
+    base: Literal["shipped", "build"] = _f(
+        "shipped", "when model.path is null: shipped = the committed base in bases/ (sha256 checked; the "
+        "README's numbers start from it), build = build / find one in the cache with vppo.tiny"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter / compute dtype")
     attn_impl: Literal["sdpa", "flash_attention_2", "eager"] = _f(
         "sdpa", "attention; flash_attention_2 falls back to sdpa when flash-attn is not installed"
@@ -699,6 +703,14 @@ def check_sources(cfg: Config) -> None:
             "must be an existing folder",
             d.image_dir,
         )
+    if m.path is None and m.base == "shipped":
+        from vppo.bases import SHIPPED  # a few constants; the files are checked when the loop loads them
+
+        _check(
+            d.synth in SHIPPED, "model.base",
+            f"has no shipped base for data.synth={d.synth!r} (shipped: {sorted(SHIPPED)}); "
+            "use model.base=build", m.base,
+        )  # fmt: skip
     if m.path is not None:
         p = Path(m.path).expanduser()
         if p.exists():

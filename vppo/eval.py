@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from vppo import spotlight, tiny
+from vppo import bases, spotlight
 from vppo.benchmarks import Benchmark, describe, load_benchmark, resolve_names
 from vppo.data import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_processor, load_prompt_suffix
 from vppo.evaluate import (
@@ -100,10 +100,8 @@ def load_eval_processor(path: str, min_pixels: int | None, max_pixels: int | Non
 
 
 def _resolve_model(path: str) -> str:
-    if path == "tiny":
-        if not hasattr(tiny, "ensure_tiny_model"):
-            raise ValueError("--model tiny needs vppo.tiny.ensure_tiny_model()")
-        return str(tiny.ensure_tiny_model())
+    if path == "tiny":  # the shipped base of the embedded default (bases/tiny, sha256 checked)
+        return str(bases.shipped_base("default"))
     if not Path(path).expanduser().is_dir():
         raise ValueError(f"--model {path}: not a local model folder")
     return str(Path(path).expanduser())
@@ -111,7 +109,7 @@ def _resolve_model(path: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vppo.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="local model folder, or 'tiny' for the tiny base")
+    ap.add_argument("--model", required=True, help="local model folder, or 'tiny' (bases/tiny)")
     ap.add_argument("--benchmarks", default="all", help="comma-separated names, or 'all' (the paper's eight)")
     ap.add_argument("--data-dir", default=None, help="folder with dataset_info.json and/or <name>.parquet")
     ap.add_argument("--samples", type=int, default=8, help="samples per problem (avg@n)")

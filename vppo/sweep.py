@@ -1,23 +1,30 @@
 """Arms x seeds of the one training loop at an equal budget, evaluated, tabulated and plotted.
 
-    python -m vppo.sweep                          # the full sweep (7 arms x 3 seeds, spotlight set)
+    python -m vppo.sweep                          # the spotlight sweep (7 arms; seeds: PLAN)
+    python -m vppo.sweep --testbed default        # the embedded default: VPPO and GRPO, seeds 1-3
+    python -m vppo.sweep --testbed multiread      # several values read per response: 4 arms, seeds 1-3
     python -m vppo.sweep --arms grpo,vppo --seeds 1
     python -m vppo.sweep --quick                  # CI: two arms, one seed, a few steps
-    python -m vppo.sweep --aggregate-only         # the table and curves from docs/sweep/raw/*.json
+    python -m vppo.sweep --aggregate-only         # the table and curves from <results>/raw/*.json
 
-Each run is `python -m vppo.train` in its own process (run.resume=auto: a killed sweep continues from
-the newest checkpoint of the unfinished run; finished runs, evaluations and diagnostics are skipped),
-then `python -m vppo.eval` on its export (test avg@n on the synthetic test split; the evaluation's
-own cache makes it resumable too) and `python -m vppo.spotlight` (dependency precision / recall
-against the ground-truth visual tokens, and a picture). Every finished run writes one raw JSON
-(RESULTS/raw/<arm>_s<seed>.json: its validation curve, rewards, generations, test accuracy per task,
-spotlight summary, and the overrides it ran with); a run whose raw JSON is there with the same
-overrides (bar run.output_dir) counts as finished even when its run folder is gone, so a sweep
+A testbed is a synthetic task family (`data.synth`) with its shipped base (vppo.bases, sha256 checked;
+every run of a sweep starts from those committed weights, so anyone can rerun it), its arms, its seeds
+per arm and its budget. Each run is `python -m vppo.train` in its own process (run.resume=auto: a
+killed sweep continues from the newest checkpoint of the unfinished run; finished runs, evaluations and
+diagnostics are skipped), then `python -m vppo.eval` on its export (test avg@n on the synthetic test
+split; the evaluation's own cache makes it resumable too) and, on the spotlight families,
+`python -m vppo.spotlight` (dependency precision / recall against the ground-truth visual tokens, and
+a picture). Every finished run writes one raw JSON (RESULTS/raw/<arm>_s<seed>.json: its validation
+curve, rewards, generations, test accuracy per task, spotlight summary, the overrides it ran with, the
+base's weights fingerprint, the machine and package versions); a run whose raw JSON is there with the
+same overrides (bar run.output_dir) counts as finished even when its run folder is gone, so a sweep
 continues across sittings from the committed results. `aggregate` rebuilds RESULTS/table.md,
-RESULTS/summary.json and RESULTS/curves.png (mean over seeds with a +-1 std band) from those files
-alone.
+RESULTS/paired.md (paired differences with a 95 % t interval), RESULTS/summary.json and
+RESULTS/curves.png (mean over seeds with a +-1 std band) from those files alone. Any failed run makes
+the sweep exit non-zero (after the others ran).
 
-Arms (docs: README, "Spotlight sweep"), all on the same steps, prompts per step and samples per prompt:
+Arms of the spotlight testbed (docs: README, "Spotlight sweep"), all on the same steps, prompts per
+step and samples per prompt:
   grpo       GRPO: symmetric clip 0.2, no online filtering
   dapo       DAPO: clip-higher 0.28, dynamic sampling (online filtering; more generations per step)
   vppo       VPPO on the DAPO base: + TAS (released shaping) + TGF (top 40 % tokens by k3 dependency)
@@ -32,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
@@ -100,9 +106,14 @@ class Budget:
     eval_limit: int | None = None  # first N test problems (None: all)
     spot_problems: int = 48  # spotlight diagnostic: first N test problems ...
     spot_samples: int = 2  # ... x responses each
+    micro_batch: int | None = None  # train.micro_batch / logprob_micro_batch (None: the config's)
 
     def overrides(self) -> list[str]:
+        micro = [] if self.micro_batch is None else [
+            f"train.micro_batch={self.micro_batch}", f"train.logprob_micro_batch={self.micro_batch}"
+        ]  # fmt: skip
         return [
+            *micro,
             f"train.total_steps={self.steps}",
             f"rollout.rollout_batch_size={self.prompts}",
             f"rollout.n={self.n}",
@@ -130,7 +141,41 @@ QUICK = Budget(
     eval_limit=4,
     spot_problems=2,
     spot_samples=1,
+    micro_batch=4,  # the mini-batch is 2 prompts x 4 samples: the default 32 does not divide it
 )
+
+
+# The claims rest on GRPO, VPPO, TGF only and random 40 %: five seeds each; the other arms three.
+KEY_ARMS = ("grpo", "vppo", "tgf_only", "random40")
+DEFAULT_ARMS = {  # the embedded default (configs/tiny.yaml) and its GRPO baseline, as the README runs them
+    "grpo": ["algo.name=grpo", "algo.shaping=none", "algo.topk_ratio=1.0"],
+    "vppo": [],
+}
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """A task family with its shipped base, arms, seeds per arm, budget and results folder."""
+
+    synth: str  # data.synth: the synthetic family, and the shipped base (vppo.bases.SHIPPED)
+    arms: dict[str, list[str]]
+    seeds: dict[str, tuple[int, ...]]  # the planned seeds of each arm
+    budget: Budget
+    results: str  # default --results
+    spotlight: bool  # run the dependency diagnostic (the family has known visual tokens)
+
+
+TESTBEDS = {
+    "spotlight": Testbed(
+        "spotlight", ARMS, {a: (1, 2, 3, 4, 5) if a in KEY_ARMS else (1, 2, 3) for a in ARMS},
+        Budget(), "docs/sweep", True,
+    ),
+    "default": Testbed(
+        "default", DEFAULT_ARMS, {a: (1, 2, 3) for a in DEFAULT_ARMS},
+        Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
+        "docs/default", False,
+    ),
+}  # fmt: skip
 
 
 def _env(threads: int) -> dict:
@@ -162,8 +207,9 @@ class Sweep:
     results: Path  # raw JSON, table, curves (docs/sweep)
     budget: Budget
     extra: tuple[str, ...] = ()  # overrides applied to every arm (after the arm's)
-    model: str | None = None  # explicit model / data (tests); default: the spotlight variant
+    model: str | None = None  # explicit model / data (tests); default: the testbed's shipped base / set
     data: str | None = None
+    testbed: Testbed = TESTBEDS["spotlight"]
     threads: int = 1
     python: str = sys.executable
 
@@ -176,10 +222,10 @@ class Sweep:
         from vppo.spotlight import variant
         from vppo.synth import ensure_synth_data
 
-        return Path(ensure_synth_data(variant("spotlight")[0]))
+        return Path(ensure_synth_data(variant(self.testbed.synth)[0]))
 
     def overrides(self, arm: str, seed: int) -> list[str]:
-        src = ["data.synth=spotlight"]
+        src = [f"data.synth={self.testbed.synth}"]
         if self.model is not None:
             src.append(f"model.path={self.model}")
         if self.data is not None:
@@ -190,7 +236,7 @@ class Sweep:
         return [
             *src,
             *self.budget.overrides(),
-            *ARMS[arm],
+            *self.testbed.arms[arm],
             f"train.seed={seed}",
             f"run.output_dir={self.run_dir(arm, seed)}",
             "run.resume=auto",
@@ -255,7 +301,7 @@ class Sweep:
             _run(cmd, log, self.threads)
             times["eval_s"] = time.time() - t0
             _write_json(rd / "sweep_times.json", times)
-        if not (rd / "spotlight" / "spotlight.json").exists():
+        if self.testbed.spotlight and not (rd / "spotlight" / "spotlight.json").exists():
             t0 = time.time()
             cmd = [
                 self.python,
@@ -281,22 +327,28 @@ class Sweep:
             _write_json(rd / "sweep_times.json", times)
         raw = collect(rd, arm, seed, self.overrides(arm, seed), b, self.data_dir() / "test.parquet")
         raw["base_sha"] = self.base_sha
+        raw["testbed"] = self.testbed.synth
+        # the machine (CPU model, vector ISA) and package versions the numbers ran on, and the threads
         raw["packages"] = _read_json(rd / "eval" / "manifest.json").get("packages")
+        raw["threads"] = self.threads
+        raw["code"] = _git_commit()
         raw["seconds"] = {k: round(v, 1) for k, v in times.items()}
         _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
         return raw
 
     def base_model(self) -> str:
+        """The base every arm starts from: --model, else the testbed's shipped base (sha256 checked)."""
         if self.model is not None:
             return self.model
-        from vppo.spotlight import variant
-        from vppo.tiny import ensure_tiny_model
+        from vppo.bases import shipped_base
 
-        return str(ensure_tiny_model(variant("spotlight")[1]))
+        return str(shipped_base(self.testbed.synth))
 
     @functools.cached_property
     def base_sha(self) -> str:
-        return base_fingerprint(self.base_model())
+        from vppo.bases import weights_fingerprint
+
+        return weights_fingerprint(self.base_model())
 
     def run_base(self) -> dict:
         """Test avg@n of the base every arm starts from (once; RESULTS/base.json)."""
@@ -324,22 +376,24 @@ class Sweep:
         _write_json(self.results / "base.json", res)
         return res
 
-    def run(self, arms: list[str], seeds: list[int]) -> dict:
-        """Seed-major order (every arm of seed 1, then seed 2, ...): a partial sweep has whole seeds."""
+    def run(self, plan: dict[str, tuple[int, ...]]) -> tuple[dict, list[tuple[str, int]]]:
+        """Run `plan` ({arm: seeds}) in seed-major order (every arm of seed 1, then seed 2, ...), so a
+        partial sweep has whole seeds; returns the summary and the runs that failed."""
         self.results.mkdir(parents=True, exist_ok=True)
         _write_json(
             self.results / "budget.json",
             {
                 **asdict(self.budget),
-                "arms": {a: ARMS[a] for a in arms},
-                "seeds": seeds,
+                "testbed": self.testbed.synth,
+                "arms": {a: self.testbed.arms[a] for a in plan},
+                "seeds": {a: list(v) for a, v in plan.items()},
                 "extra": list(self.extra),
             },
         )
         self.run_base()
         failed: list[tuple[str, int]] = []
-        for seed in seeds:
-            for arm in arms:
+        for seed in sorted({s for v in plan.values() for s in v}):
+            for arm in [a for a in plan if seed in plan[a]]:
                 t0 = time.time()
                 print(f"[sweep] {arm} seed {seed} ...", flush=True)
                 try:
@@ -357,18 +411,7 @@ class Sweep:
                 aggregate(self.results)
         if failed:
             print(f"[sweep] failed runs (rerun the same command to resume them): {failed}", flush=True)
-        return aggregate(self.results)
-
-
-def base_fingerprint(model_dir: str | Path) -> str:
-    """sha256 (first 16 hex digits) of a model folder's weight files: the base a run started from."""
-    from vppo.provenance import sha256_file  # heavy (torch): only when a base is hashed
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    digests = "\n".join(f"{p.name} {sha256_file(p)}" for p in files)
-    return hashlib.sha256(digests.encode()).hexdigest()[:16]
+        return aggregate(self.results), failed
 
 
 def check_base(recorded: dict, sha: str, where: Path) -> None:
@@ -385,8 +428,25 @@ def check_base(recorded: dict, sha: str, where: Path) -> None:
         )
 
 
+def _git_commit() -> str | None:
+    """The commit the sweep's code is at ("+dirty" with uncommitted changes); None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vppo", "kernels"], cwd=REPO_ROOT,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
 def _read_json(p: Path):
-    return json.loads(p.read_text()) if p.exists() else None
+    """The JSON of `p`, None when it does not exist; a truncated or broken file is a ValueError naming it."""
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); delete it to rerun that step") from None
 
 
 def _write_json(p: Path, obj) -> None:
@@ -454,10 +514,56 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (1-10; 2.0 is a bound beyond)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# the comparisons the claims rest on: (arm, minus arm)
+PAIRS = (
+    ("vppo", "grpo"), ("tgf_only", "grpo"), ("random40", "grpo"), ("vppo", "tgf_only"),
+    ("tgf_only", "random40"), ("vppo", "random40"), ("vppo", "dapo"), ("dapo", "grpo"),
+)  # fmt: skip
+
+
+def paired(by_arm: dict[str, list[dict]], a: str, b: str) -> dict | None:
+    """Test accuracy of arm `a` minus arm `b` on the seeds both ran (same seed = same data order and
+    sampling seeds): mean, sample std, the 95 % interval of the mean by the paired t-test (Student's t
+    with n - 1 degrees of freedom; None with one seed), and on how many seeds `a` was higher."""
+    xa = {r["seed"]: r["test"]["accuracy"] for r in by_arm.get(a, [])}
+    xb = {r["seed"]: r["test"]["accuracy"] for r in by_arm.get(b, [])}
+    seeds = sorted(set(xa) & set(xb))
+    if not seeds:
+        return None
+    d = [xa[k] - xb[k] for k in seeds]
+    m, sd = _mean_std(d)
+    half = T975.get(len(d) - 1, 2.0) * sd / math.sqrt(len(d)) if len(d) > 1 else None
+    return {
+        "seeds": seeds, "diffs": d, "mean": m, "std": sd,
+        "ci95": [m - half, m + half] if half is not None else None,
+        "higher": sum(x > 0 for x in d),
+    }  # fmt: skip
+
+
+def paired_table(pairs: dict[str, dict]) -> str:
+    """Markdown: one row per comparison, in points of test accuracy."""
+    lines = [
+        "| comparison | seeds | per-seed difference | mean ± std | 95 % interval (paired t) | higher on |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in pairs.items():
+        per = ", ".join(f"{100 * x:+.1f}" for x in p["diffs"])
+        ci = f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]" if p["ci95"] else "–"
+        lines.append(
+            f"| {name} | {len(p['seeds'])} | {per} | {100 * p['mean']:+.1f} ± {100 * p['std']:.1f} | {ci} "
+            f"| {p['higher']} of {len(p['seeds'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def load_raw(results: Path) -> dict[str, list[dict]]:
     by_arm: dict[str, list[dict]] = {}
     for p in sorted((Path(results) / "raw").glob("*.json")):
-        r = json.loads(p.read_text())
+        r = _read_json(p)
+        if not isinstance(r, dict) or not {"arm", "seed", "test"} <= set(r):
+            raise ValueError(f"{p}: not a raw sweep result (needs arm, seed, test)")
         by_arm.setdefault(r["arm"], []).append(r)
     order = [a for a in ARMS if a in by_arm] + sorted(a for a in by_arm if a not in ARMS)
     return {a: sorted(by_arm[a], key=lambda r: r["seed"]) for a in order}
@@ -488,18 +594,24 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
             "generated_x": sum(r["generated_samples"] for r in runs)
             / max(1, sum(r["trained_samples"] for r in runs)),
         }
-        paired = [r["test"]["accuracy"] - grpo[r["seed"]] for r in runs if r["seed"] in grpo]
-        if paired and arm != "grpo":
-            s["vs_grpo_mean"], s["vs_grpo_std"] = _mean_std(paired)
+        vs = [r["test"]["accuracy"] - grpo[r["seed"]] for r in runs if r["seed"] in grpo]
+        if vs and arm != "grpo":
+            s["vs_grpo_mean"], s["vs_grpo_std"] = _mean_std(vs)
         for k in SPOT_KEYS:
             vals = [r["spotlight"].get("all", {}).get(k) for r in runs]
             vals = [v for v in vals if v is not None]
             if vals:
                 s[k] = _mean_std(vals)[0]
         summary[arm] = s
+    pairs = {}
+    for a, b in PAIRS:
+        if a in by_arm and b in by_arm and (p := paired(by_arm, a, b)) is not None:
+            pairs[f"{LABELS.get(a, a)} - {LABELS.get(b, b)}"] = p
     base = _read_json(results / "base.json")
-    _write_json(results / "summary.json", {**summary, **({"_base": base["test"]} if base else {})})
+    extra = {"_base": base["test"]} if base else {}
+    _write_json(results / "summary.json", {**summary, **extra, "_paired": pairs})
     (results / "table.md").write_text(markdown_table(summary, base["test"] if base else None))
+    (results / "paired.md").write_text(paired_table(pairs))
     if plot and by_arm:
         plot_curves(by_arm, results / "curves.png")
     return summary
@@ -615,43 +727,73 @@ def plot_curves(by_arm: dict[str, list[dict]], out: Path) -> Path:
     return out
 
 
+def _seeds(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]; anything else (empty items, non-integers, < 0, repeats) is an error."""
+    items = text.split(",")
+    if not all(x.strip().isdigit() for x in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated non-negative integers, e.g. 1,2,3")
+    seeds = [int(x) for x in items]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is repeated")
+    return seeds
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive integer (a run of 0 steps trains nothing)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/sweep", help="run folders (default runs/sweep, gitignored)")
-    ap.add_argument("--results", default="docs/sweep", help="raw JSON, table.md, curves.png")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--quick", action="store_true", help="CI: arms grpo,vppo, seed 1, 2 steps, tiny eval")
-    ap.add_argument("--steps", type=int, default=None, help="override the budget's steps")
-    ap.add_argument("--set", action="append", default=[], help="extra override key=value for every arm")
-    ap.add_argument("--model", default=None, help="model folder for every arm (default: the spotlight base)")
     ap.add_argument(
-        "--data", default=None, help="folder with train/val/test parquet (default: spotlight set)"
+        "--testbed", default="spotlight", choices=sorted(TESTBEDS), help="task family, base, arms"
     )
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 leaves a core free)")
+    ap.add_argument("--out", default=None, help="run folders (default runs/sweep[_<testbed>], gitignored)")
+    ap.add_argument("--results", default=None, help="raw JSON, tables, curves (default: the testbed's)")
+    ap.add_argument("--arms", default=None, help="comma-separated (default: the testbed's arms)")
+    ap.add_argument("--seeds", type=_seeds, default=None, help="for every arm (default: the testbed's plan)")
+    ap.add_argument("--quick", action="store_true", help="CI: arms grpo,vppo, seed 1, 2 steps, tiny eval")
+    ap.add_argument("--steps", type=_positive, default=None, help="override the budget's steps")
+    ap.add_argument("--set", action="append", default=[], help="extra override key=value for every arm")
+    ap.add_argument("--model", default=None, help="model folder for every arm (default: the shipped base)")
+    ap.add_argument(
+        "--data", default=None, help="folder with train/val/test parquet (default: the testbed's set)"
+    )
+    ap.add_argument(
+        "--threads", type=_positive, default=1, help="torch threads per run (1 leaves a core free)"
+    )
     ap.add_argument("--aggregate-only", action="store_true")
     args = ap.parse_args(argv)
-    if args.aggregate_only:
-        s = aggregate(args.results)
-        print(markdown_table(s))
-        return s
-    budget = QUICK if args.quick else Budget()
-    if args.steps is not None:
-        budget = Budget(**{**asdict(budget), "steps": args.steps})
-    arms = ["grpo", "vppo"] if args.quick and args.arms == ",".join(ARMS) else args.arms.split(",")
-    seeds = [1] if args.quick and args.seeds == "1,2,3" else [int(s) for s in args.seeds.split(",")]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        ap.error(f"unknown arms {unknown}; known: {list(ARMS)}")
-    sw = Sweep(
-        Path(args.out), Path(args.results), budget, tuple(args.set), args.model, args.data, args.threads
-    )
+    tb = TESTBEDS[args.testbed]
+    results = Path(args.results or tb.results)
     try:
-        summary = sw.run(arms, seeds)
-    except ValueError as e:  # results of another base: say so, no traceback
+        if args.aggregate_only:
+            s = aggregate(results)
+            print(markdown_table(s))
+            return s
+        budget = QUICK if args.quick else tb.budget
+        if args.steps is not None:
+            budget = Budget(**{**asdict(budget), "steps": args.steps})
+        arms = args.arms.split(",") if args.arms else (["grpo", "vppo"] if args.quick else list(tb.arms))
+        if unknown := [a for a in arms if a not in tb.arms]:
+            ap.error(f"unknown arms {unknown} for --testbed {args.testbed}; known: {list(tb.arms)}")
+        seeds = args.seeds or ([1] if args.quick else None)
+        plan = {a: tuple(seeds) if seeds else tb.seeds[a] for a in arms}
+        out = Path(
+            args.out or ("runs/sweep" if args.testbed == "spotlight" else f"runs/sweep_{args.testbed}")
+        )
+        sw = Sweep(
+            out, results, budget, tuple(args.set), args.model, args.data, testbed=tb, threads=args.threads
+        )
+        summary, failed = sw.run(plan)
+    except (ValueError, OSError) as e:  # results of another base, an unreadable raw file: named, no traceback
         print(f"vppo.sweep: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(markdown_table(summary))
+    if failed:
+        print(f"vppo.sweep: {len(failed)} run(s) failed: {failed}", file=sys.stderr)
+        sys.exit(1)
     return summary
 
 

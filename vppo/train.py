@@ -49,7 +49,7 @@ from tqdm import tqdm
 from transformers import ProcessorMixin
 
 from vppo import data as vdata
-from vppo import loss, objective, packing, spotlight
+from vppo import bases, loss, objective, packing, spotlight
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, config_from_args, format_derived, save_resolved
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
@@ -98,11 +98,19 @@ class Run:
 
 
 def resolve_defaults(cfg: Config) -> None:
-    """Fill model.path / data.train / data.val with the tiny base and the synthetic set."""
+    """Fill model.path / data.train / data.val with the tiny base (shipped or built: model.base) and
+    the synthetic set of the task family data.synth."""
     if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
         synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (data.synth)
         synth = ensure_synth_data(synth_cfg)
-        if cfg.model.path is None:
+        if cfg.model.path is None and cfg.model.base == "shipped":
+            cfg.model.path = str(bases.shipped_base(cfg.data.synth))
+            if is_main():
+                print(f"base: {cfg.model.path} (shipped, weights sha {bases.weights_fingerprint(cfg.model.path)})")
+            stale = bases.check_synth(cfg.model.path, synth)
+            if stale:  # the set is generated deterministically; say so when it came out otherwise
+                log.warning("synthetic %s differ from the set %s was built on", stale, cfg.model.path)
+        elif cfg.model.path is None:
             cfg.model.path = str(ensure_tiny_model(tiny_cfg))
         if cfg.data.train is None:
             cfg.data.train = str(synth / "train.parquet")
