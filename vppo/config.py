@@ -56,8 +56,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     path: str | None = _f(None, "HF model folder or hub id; null = the tiny base of data.synth (model.base)")
     base: Literal["shipped", "build"] = _f(
-        "shipped", "when model.path is null: shipped = the committed base in bases/ (sha256 checked; the "
-        "README's numbers start from it), build = build / find one in the cache with vppo.tiny"
+        "shipped",
+        "when model.path is null: shipped = the committed base in bases/ (sha256 checked; the "
+        "README's numbers start from it), build = build / find one in the cache with vppo.tiny",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter / compute dtype")
     attn_impl: Literal["sdpa", "flash_attention_2", "eager"] = _f(

@@ -48,8 +48,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import ProcessorMixin
 
-from vppo import data as vdata
 from vppo import bases, loss, objective, packing, spotlight
+from vppo import data as vdata
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, config_from_args, format_derived, save_resolved
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
@@ -106,7 +106,9 @@ def resolve_defaults(cfg: Config) -> None:
         if cfg.model.path is None and cfg.model.base == "shipped":
             cfg.model.path = str(bases.shipped_base(cfg.data.synth))
             if is_main():
-                print(f"base: {cfg.model.path} (shipped, weights sha {bases.weights_fingerprint(cfg.model.path)})")
+                print(
+                    f"base: {cfg.model.path} (shipped, weights sha {bases.weights_fingerprint(cfg.model.path)})"
+                )
             stale = bases.check_synth(cfg.model.path, synth)
             if stale:  # the set is generated deterministically; say so when it came out otherwise
                 log.warning("synthetic %s differ from the set %s was built on", stale, cfg.model.path)
