@@ -106,9 +106,8 @@ def resolve_defaults(cfg: Config) -> None:
         if cfg.model.path is None and cfg.model.base == "shipped":
             cfg.model.path = str(bases.shipped_base(cfg.data.synth))
             if is_main():
-                print(
-                    f"base: {cfg.model.path} (shipped, weights sha {bases.weights_fingerprint(cfg.model.path)})"
-                )
+                sha = bases.weights_fingerprint(cfg.model.path)
+                print(f"base: {cfg.model.path} (shipped, weights sha {sha})", flush=True)
             stale = bases.check_synth(cfg.model.path, synth)
             if stale:  # the set is generated deterministically; say so when it came out otherwise
                 log.warning("synthetic %s differ from the set %s was built on", stale, cfg.model.path)
