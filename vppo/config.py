@@ -83,9 +83,9 @@ class DataConfig:
     max_prompt_len: int = _f(512, "prompt tokens after image expansion; longer prompts are dropped")
     strict: bool = _f(False, "stop on a broken row instead of skipping it")
     shuffle: bool = _f(True, "shuffle the training set each epoch (seeded)")
-    synth: Literal["default", "spotlight"] = _f(
+    synth: Literal["default", "spotlight", "multiread"] = _f(
         "default", "the synthetic task family used when data.train / data.val / model.path are null "
-        "(spotlight: read one value off the image, then compute; vppo.spotlight)"
+        "(spotlight: read one value off the image, then compute; multiread: several values; vppo.spotlight)"
     )  # fmt: skip
 
 

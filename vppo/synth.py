@@ -15,7 +15,12 @@ The spotlight family (`--variant spotlight`, `data.synth=spotlight`; not part of
 - count_add:      count the shapes of one colour, then add a number given in the question;
 - colour_letters: the colour of one shape (red / blue / green / yellow), answered as its letter count;
 - bars_height:    the height of one bar in grid units (one 14-pixel patch row each), doubled.
-Each reference response reads one value off the image and then computes in text ("there are 4 red
+The multiread family (`--variant multiread`, `data.synth=multiread`): each response reads several
+values off the image, about a quarter of its tokens (bars_sum: colour and height of every bar, summed;
+count_colours: two colours and their counts, multiplied; colour_letters_sum: the colours of 2-3
+shapes, their letter counts summed); every word and number of the reading segment before the first
+" . " is visual.
+Each spotlight reference response reads one value off the image and then computes in text ("there are 4 red
 shapes . 4 + 3 = 7"); only the first occurrence of the value depends on the image, and its character
 span is recorded as `visual_spans` (JSON [[start, end]]); `visual_spans(task, text)` finds it in any
 response that follows the format (the policy's own), the ground truth of vppo.spotlight.
@@ -76,11 +81,9 @@ class SynthConfig:
     def __post_init__(self):
         if self.size % 28 or self.size < 56:
             raise ValueError(f"size must be a multiple of 28 and at least 56, got {self.size}")
-        unknown = set(self.tasks) - set(TASKS) - set(SPOTLIGHT_TASKS)
-        if not self.tasks or unknown:
-            raise ValueError(
-                f"tasks must be a non-empty subset of {TASKS + SPOTLIGHT_TASKS}, got {self.tasks}"
-            )
+        known = TASKS + SPOTLIGHT_TASKS + MULTIREAD_TASKS
+        if not self.tasks or set(self.tasks) - set(known):
+            raise ValueError(f"tasks must be a non-empty subset of {known}, got {self.tasks}")
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -288,6 +291,66 @@ def _bars_height_task(rng, size):
     return img, question, str(2 * h), response, [(len(head), len(head) + len(str(h)))]
 
 
+# The multiread family: each response reads several values off the image (colours and heights, colours
+# and counts, or colours), then computes; about a quarter of its tokens depend on the image, where the
+# spotlight family has one such token a response. Shapes and bars are listed in the reading segment
+# `<think> <read> . <compute> </think>`; every word and number of <read> was read off the image.
+def _bars_sum_task(rng, size):
+    k = int(rng.integers(2, 4))
+    names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
+    heights = [int(h) for h in rng.integers(1, 5, size=k)]  # units of UNIT pixels
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    bottom = size - 4
+    for u in range(1, 6):
+        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
+    width = (size - 8) // k
+    for i, (name, h) in enumerate(zip(names, heights)):
+        x0 = 4 + i * width
+        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    read = " , ".join(f"{n} {h}" for n, h in zip(names, heights))
+    total = sum(heights)
+    question = "Add up the heights of all the bars, in grid units."
+    response = f"<think> {read} . {' + '.join(map(str, heights))} = {total} </think> \\boxed{{{total}}}"
+    return img, question, str(total), response
+
+
+def _count_colours_task(rng, size):
+    names = sorted(str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
+    counts = [int(c) for c in rng.integers(1, 4, size=2)]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = size // 3
+    colours = [names[0]] * counts[0] + [names[1]] * counts[1]
+    for (x, y), c in zip(_cells(rng, size, len(colours), cell), colours):
+        s = int(rng.integers(cell // 2, cell - 4))
+        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
+        _shape(draw, str(rng.choice(KINDS)), (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[c])
+    product = counts[0] * counts[1]
+    question = "Count the shapes of each of the two colours, then multiply the two counts."
+    read = f"{names[0]} {counts[0]} , {names[1]} {counts[1]}"
+    response = f"<think> {read} . {counts[0]} * {counts[1]} = {product} </think> \\boxed{{{product}}}"
+    return img, question, str(product), response
+
+
+def _colour_letters_sum_task(rng, size):
+    n = int(rng.integers(2, 4))
+    kinds = [str(k) for k in rng.choice(KINDS, size=n, replace=False)]
+    names = [str(c) for c in rng.choice(LETTER_COLOURS, size=n, replace=False)]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = size // 2
+    for (x, y), kind, name in zip(_cells(rng, size, n, cell), kinds, names):
+        s = int(rng.integers(cell // 2, cell - 3))
+        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
+        _shape(draw, kind, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[name])
+    total = sum(len(c) for c in names)
+    question = "Add up the numbers of letters of the colours of all the shapes."
+    sums = " + ".join(str(len(c)) for c in names)
+    response = f"<think> {' , '.join(names)} . {sums} = {total} </think> \\boxed{{{total}}}"
+    return img, question, str(total), response
+
+
 MAKERS = {
     "colour": _colour_task,
     "count": _count_task,
@@ -297,18 +360,25 @@ MAKERS = {
     "count_add": _count_add_task,
     "colour_letters": _colour_letters_task,
     "bars_height": _bars_height_task,
+    "bars_sum": _bars_sum_task,
+    "count_colours": _count_colours_task,
+    "colour_letters_sum": _colour_letters_sum_task,
 }
 SPOTLIGHT_TASKS = ("count_add", "colour_letters", "bars_height")
+MULTIREAD_TASKS = ("bars_sum", "count_colours", "colour_letters_sum")
+READ_SEGMENT = re.compile(r"<think> (.+?) \. ")  # the multiread tasks' reading segment (group 1)
 # How a response written in the reference format shows the value read off the image (group 1): finds
 # the ground-truth visual span in the policy's own responses, which need not match the reference.
 VISUAL_PATTERNS = {
     "count_add": re.compile(r"there are (\d+) "),
     "colour_letters": re.compile(r"the \w+ is (\w+)"),
     "bars_height": re.compile(r"bar is (\d+) "),
+    **{t: READ_SEGMENT for t in MULTIREAD_TASKS},
 }
 VARIANTS = {
     "default": SynthConfig(),
     "spotlight": SynthConfig(tasks=SPOTLIGHT_TASKS),
+    "multiread": SynthConfig(tasks=MULTIREAD_TASKS),
 }
 
 
@@ -318,7 +388,12 @@ def visual_spans(task: str, text: str) -> list[tuple[int, int]] | None:
     not follow the format (then nothing in it is known to be visual)."""
     pattern = VISUAL_PATTERNS.get(task)
     m = pattern.search(text) if pattern is not None else None
-    return [m.span(1)] if m else None
+    if m is None:
+        return None
+    if task in MULTIREAD_TASKS:  # every word and number of the reading segment
+        a = m.start(1)
+        return [(a + w.start(), a + w.end()) for w in re.finditer(r"[A-Za-z]+|\d+", m.group(1))] or None
+    return [m.span(1)]
 
 
 def _png(img: Image.Image) -> bytes:
@@ -337,6 +412,8 @@ def make_split(cfg: SynthConfig, split: str) -> list[dict]:
     for i in range(n):
         task = cfg.tasks[i % len(cfg.tasks)]
         img, question, answer, response, *spans = MAKERS[task](rng, cfg.size)
+        if task in MULTIREAD_TASKS:
+            spans = [visual_spans(task, response)]
         row = {
             "id": f"{split}-{i}",
             "problem": f"<image>{question}",
