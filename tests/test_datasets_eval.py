@@ -91,8 +91,12 @@ def make_authors(root: Path) -> Path:
         "alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"},
     }
     for k, (entry, file_name) in enumerate(AUTHORS.items()):
-        info[entry] = {"file_name": file_name, "formatting": "sharegpt",
-                       "columns": {"messages": "messages", "images": "images"}, "tags": TAGS}  # fmt: skip
+        info[entry] = {
+            "file_name": file_name,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": TAGS,
+        }
         recs = []
         for i, (q, a) in enumerate(QA):
             img = data / "images" / entry / f"{i}.png"
@@ -205,27 +209,61 @@ def make_releases(d: Path) -> Path:
     _parquet(d / "geometry3k/data/train-00000-of-00001.parquet", geo[:1] * 5)
     # AI4Math/MathVerse card, config testmini: testmini.parquet (choices inside `question`)
     versions = ["Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only"]
-    mv = [{"sample_index": str(i), "problem_index": "1", "problem_version": v,
-           "question": f"{MC_QUESTION} [{v}]" if v != "Vision Only" else "",
-           "image": _struct(10 + i), "answer": "B", "question_type": "multi-choice", "metadata": {"split": "testmini"},
-           "query_wo": "According to the question shown in the image, answer it.", "query_cot": "...",
-           "question_for_eval": MC_QUESTION} for i, v in enumerate(versions)]  # fmt: skip
+    mv = [
+        {
+            "sample_index": str(i),
+            "problem_index": "1",
+            "problem_version": v,
+            "question": f"{MC_QUESTION} [{v}]" if v != "Vision Only" else "",
+            "image": _struct(10 + i),
+            "answer": "B",
+            "question_type": "multi-choice",
+            "metadata": {"split": "testmini"},
+            "query_wo": "According to the question shown in the image, answer it.",
+            "query_cot": "...",
+            "question_for_eval": MC_QUESTION,
+        }
+        for i, v in enumerate(versions)
+    ]
     _parquet(d / "MathVerse/testmini.parquet", mv)
     # MathLLMs/MathVision card: data/{test,testmini}-*.parquet; options a list (empty: free-form)
-    mvis = [{"id": str(i), "question": q, "options": o, "image": f"images/{i}.jpg", "decoded_image": _struct(20 + i),
-             "answer": a, "solution": None, "level": 2, "subject": "metric geometry"}
-            for i, (q, o, a) in enumerate([("Which is larger?", ["3", "5"], "B"), ("How long is AB?", [], "2.5")])]  # fmt: skip
+    mvis = [
+        {
+            "id": str(i),
+            "question": q,
+            "options": o,
+            "image": f"images/{i}.jpg",
+            "decoded_image": _struct(20 + i),
+            "answer": a,
+            "solution": None,
+            "level": 2,
+            "subject": "metric geometry",
+        }
+        for i, (q, o, a) in enumerate([("Which is larger?", ["3", "5"], "B"), ("How long is AB?", [], "2.5")])
+    ]
     _parquet(d / "MathVision/data/test-00000-of-00001.parquet", mvis)
     _parquet(d / "MathVision/data/testmini-00000-of-00001.parquet", mvis[1:])
     # DynaMath/DynaMath_Sample card: splits sample_variant1..10 in data/sample<N>-*.parquet
     for v in range(1, 11):
-        dm = [{"id": str(i), "question": f"What is y at x={v}?", "image": f"images/{i}.png",
-               "decoded_image": _struct(30 + v), "ground_truth": str(v * (i + 1)), "answer_type": "float",
-               "subject": "algebra", "knowledge_level": "high school"} for i in range(2)]  # fmt: skip
+        dm = [
+            {
+                "id": str(i),
+                "question": f"What is y at x={v}?",
+                "image": f"images/{i}.png",
+                "decoded_image": _struct(30 + v),
+                "ground_truth": str(v * (i + 1)),
+                "answer_type": "float",
+                "subject": "algebra",
+                "knowledge_level": "high school",
+            }
+            for i in range(2)
+        ]
         _parquet(d / f"DynaMath_Sample/data/sample{v}-00000-of-00001.parquet", dm)
     # FanqingM/MMK12: <split>-*.parquet with question (options inline), answer, image
-    mk = [{"id": str(i), "subject": "math", "question": q, "answer": a, "image": _struct(50 + i)}
-          for i, (q, a) in enumerate([(MC_QUESTION, "B"), ("What is x?", "7")])]  # fmt: skip
+    mk = [
+        {"id": str(i), "subject": "math", "question": q, "answer": a, "image": _struct(50 + i)}
+        for i, (q, a) in enumerate([(MC_QUESTION, "B"), ("What is x?", "7")])
+    ]
     _parquet(d / "MMK12/data/test-00000-of-00001.parquet", mk)
     _parquet(d / "MMK12/data/train-00000-of-00001.parquet", mk * 3)
     # We-Math/We-Math: a testmini table with question, ONE option string, image_path (files), answer
@@ -233,22 +271,44 @@ def make_releases(d: Path) -> Path:
     wm = []
     for i in range(2):
         (d / f"We-Math/images/{i}.png").write_bytes(_png(60 + i))
-        wm.append({"ID": f"{i + 1}@1", "question": f"How many sides ({i})?", "option": "A. 3; B. 4; C. 5",
-                   "image_path": f"images/{i}.png", "answer": "B", "knowledge concept": "polygons"})  # fmt: skip
+        wm.append(
+            {
+                "ID": f"{i + 1}@1",
+                "question": f"How many sides ({i})?",
+                "option": "A. 3; B. 4; C. 5",
+                "image_path": f"images/{i}.png",
+                "answer": "B",
+                "knowledge concept": "polygons",
+            }
+        )
     (d / "We-Math/testmini.json").write_text(json.dumps(wm))
     # LogicVista release: dataset.json keyed by id (imagename, question, answer) + images/
     (d / "LogicVista/images").mkdir(parents=True)
     lv = {}
     for i in range(2):
         (d / f"LogicVista/images/{i}.jpg").write_bytes(_png(70 + i))
-        lv[str(i)] = {"imagename": f"{i}.jpg", "question": f"Which comes next? A. x B. y ({i})",
-                      "answer": "A" if i == 0 else "A, B", "reasoning": "...", "skill": ["inductive"]}  # fmt: skip
+        lv[str(i)] = {
+            "imagename": f"{i}.jpg",
+            "question": f"Which comes next? A. x B. y ({i})",
+            "answer": "A" if i == 0 else "A, B",
+            "reasoning": "...",
+            "skill": ["inductive"],
+        }
     (d / "LogicVista/dataset.json").write_text(json.dumps(lv))
     # MMMU/MMMU_Pro card: configs as folders; options a string holding a Python list, <image N> markers
-    std = [{"id": "test_Art_1", "question": "Compare <image 1> and <image 2>. Which is older?",
-            "options": "['the first', 'the second', '<image 3>']", "explanation": "", "answer": "B",
-            "subject": "Art", "img_type": "['Paintings']", "topic_difficulty": "Easy",
-            **{f"image_{n}": (_struct(80 + n) if n <= 3 else None) for n in range(1, 8)}}]  # fmt: skip
+    std = [
+        {
+            "id": "test_Art_1",
+            "question": "Compare <image 1> and <image 2>. Which is older?",
+            "options": "['the first', 'the second', '<image 3>']",
+            "explanation": "",
+            "answer": "B",
+            "subject": "Art",
+            "img_type": "['Paintings']",
+            "topic_difficulty": "Easy",
+            **{f"image_{n}": (_struct(80 + n) if n <= 3 else None) for n in range(1, 8)},
+        }
+    ]
     _parquet(d / "MMMU_Pro/standard (10 options)/test-00000-of-00001.parquet", std)
     vis = [
         {"id": "test_Art_1", "image": _struct(90), "options": "['a', 'b']", "answer": "A", "subject": "Art"}
@@ -267,10 +327,16 @@ def test_raw_releases_load_all_eight(releases):
     assert r["ok"], r["errors"]
     c = {x["name"]: x for x in r["check"]}
     assert {k: (v["layout"], v["problems"]) for k, v in c.items()} == {
-        "geo3k": ("release", 3), "mathverse": ("release", 5), "mathverse_vision_dependent": ("release", 3),
-        "mathvision": ("release", 2), "dynamath": ("release", 20), "mmk12": ("release", 2),
-        "wemath": ("release", 2), "logicvista": ("release", 2), "mmmu_pro": ("release", 1),
-    }  # fmt: skip
+        "geo3k": ("release", 3),
+        "mathverse": ("release", 5),
+        "mathverse_vision_dependent": ("release", 3),
+        "mathvision": ("release", 2),
+        "dynamath": ("release", 20),
+        "mmk12": ("release", 2),
+        "wemath": ("release", 2),
+        "logicvista": ("release", 2),
+        "mmmu_pro": ("release", 1),
+    }
     assert all(not v["broken"] for v in c.values())
     assert c["geo3k"]["source"]["split"] == "test" and c["mmk12"]["source"]["split"] == "test"
     assert c["mmmu_pro"]["source"]["config"] == "standard (10 options)"
@@ -289,8 +355,10 @@ def test_raw_releases_load_all_eight(releases):
     assert mv[0].problem == f"<image>{MC_QUESTION} [Text Dominant]"
     assert mv[4].problem == "<image>According to the question shown in the image, answer it."  # Vision Only
     assert [p.meta["problem_version"] for p in problems("mathverse_vision_dependent")] == [
-        "Vision Intensive", "Vision Dominant", "Vision Only"
-    ]  # fmt: skip
+        "Vision Intensive",
+        "Vision Dominant",
+        "Vision Only",
+    ]
     wm = problems("wemath")[1]
     assert wm.problem == "<image>How many sides (1)?\nChoices: A. 3; B. 4; C. 5" and wm.answer == "B"
     assert np.array_equal(np.asarray(wm.pil_images()[0]), _pixels(releases / "We-Math/images/1.png"))
@@ -307,12 +375,23 @@ def test_raw_releases_load_all_eight(releases):
 
 def test_raw_releases_one_by_one_with_their_splits(releases, tmp_path):
     r = _check(
-        "--benchmarks", "mathvision,mmmu_pro,dynamath,geometry3k",
-        "--benchmark-path", f"MathVision={releases / 'MathVision'}", "--split", "mathvision=testmini",
-        "--benchmark-path", f"mmmu_pro={releases / 'MMMU_Pro'}", "--split", "mmmu_pro=vision",
-        "--benchmark-path", f"dynamath={releases / 'DynaMath_Sample'}", "--split", "dynamath=1,2",
-        "--benchmark-path", f"hiyouga/geometry3k={releases / 'geometry3k/data/train-00000-of-00001.parquet'}",
-    )  # fmt: skip
+        "--benchmarks",
+        "mathvision,mmmu_pro,dynamath,geometry3k",
+        "--benchmark-path",
+        f"MathVision={releases / 'MathVision'}",
+        "--split",
+        "mathvision=testmini",
+        "--benchmark-path",
+        f"mmmu_pro={releases / 'MMMU_Pro'}",
+        "--split",
+        "mmmu_pro=vision",
+        "--benchmark-path",
+        f"dynamath={releases / 'DynaMath_Sample'}",
+        "--split",
+        "dynamath=1,2",
+        "--benchmark-path",
+        f"hiyouga/geometry3k={releases / 'geometry3k/data/train-00000-of-00001.parquet'}",
+    )
     assert r["ok"], r["errors"]
     c = {x["name"]: x for x in r["check"]}
     assert c["mathvision"]["problems"] == 1 and c["mathvision"]["source"]["split"] == "testmini"
@@ -344,6 +423,11 @@ def test_raw_releases_name_what_is_wrong(releases):
     assert len(wm.problems) == 1 and wm.broken == [
         f"row 1: image file 'images/1.png' not found (looked at ['{releases / 'We-Math/images/1.png'}'])"
     ]
+    # a split asked of files that hold one, and a release asked of a benchmark that has none
+    with pytest.raises(ValueError, match="--split geo3k=train: a split of the benchmark's own release"):
+        load_benchmark("geo3k", make_authors(releases / "authors"), splits={"geo3k": "train"})
+    with pytest.raises(ValueError, match="synth has no release of its own"):
+        load_benchmark("geo3k", None, paths={"synth": releases})
     r = _check("--data-dir", str(releases), "--benchmarks", "wemath,mmk12,geo3k")
     assert not r["ok"] and set(r["errors"]) == {"mmk12"}
     assert "broken row 1: image file 'images/1.png' not found" in r["report"]
@@ -432,8 +516,14 @@ def test_generation_run_on_raw_releases_and_a_refused_image_is_skipped(micro, re
     """Issue 26 item 6: one image with an aspect ratio over 200 (2000 x 8) in a benchmark is counted
     as a broken row, named, and the evaluation goes on (it aborted the whole run before)."""
     data = tmp_path / "train-schema"
-    rows = [{"problem": f"<image>What is x ({i})?", "answer": str(i),
-             "images": [{"bytes": _png(i, (2000, 8) if i == 1 else (36, 24))}]} for i in range(3)]  # fmt: skip
+    rows = [
+        {
+            "problem": f"<image>What is x ({i})?",
+            "answer": str(i),
+            "images": [{"bytes": _png(i, (2000, 8) if i == 1 else (36, 24))}],
+        }
+        for i in range(3)
+    ]
     _parquet(data / "mmk12.parquet", rows)
     r = _check("--data-dir", str(data), "--benchmarks", "mmk12")
     assert r["check"][0]["aspect_ratio_over_200"] == ["mmk12[1]: image 0 is 2000x8"]
@@ -452,8 +542,21 @@ def test_generation_run_on_raw_releases_and_a_refused_image_is_skipped(micro, re
 
     # the real sampler, a raw release, the authors' grader
     out = tmp_path / "raw"
-    res = ev.main(["--model", str(micro), "--data-dir", str(releases), "--benchmarks", "MMK12,geo3k",
-                   "--out", str(out), "--grader", "released", *FAST])  # fmt: skip
+    res = ev.main(
+        [
+            "--model",
+            str(micro),
+            "--data-dir",
+            str(releases),
+            "--benchmarks",
+            "MMK12,geo3k",
+            "--out",
+            str(out),
+            "--grader",
+            "released",
+            *FAST,
+        ]
+    )
     assert {k: v["problems"] for k, v in res["summary"].items()} == {"mmk12": 2, "geo3k": 3}
     samples = json.loads((out / "samples.json").read_text())
     assert all(
@@ -462,6 +565,8 @@ def test_generation_run_on_raw_releases_and_a_refused_image_is_skipped(micro, re
         for s in p["samples"]
     )
     assert res["manifest"]["data"]["mmk12"]["source"] == {
-        "layout": "release", "source": "FanqingM/MMK12", "split": "test",
+        "layout": "release",
+        "source": "FanqingM/MMK12",
+        "split": "test",
         "schema": "FanqingM/MMK12: <split>-*.parquet with question (options inline), answer, image",
-    }  # fmt: skip
+    }

@@ -254,7 +254,7 @@ def _benchmark(key: str, raw: RawRows, layout: str, *, strict: bool, image_dir: 
             BrokenRowWarning,
             stacklevel=3,
         )
-    images_lost = [b for b in broken if "image" in b]
+    images_lost = [b for b in broken if any(w in b for w in ("image file", "does not decode", "no image"))]
     if images_lost and not any(p.images for p in loaded):
         raise ValueError(
             f"benchmark {title}: every image is missing or unreadable ({len(images_lost)} rows; the "
@@ -290,7 +290,10 @@ def load_parquet(key: str, data_dir: Path, *, strict: bool = False) -> Benchmark
     loaded = load_problems(src, split="test", strict=strict)
     problems = [replace(p, uid=f"{key}[{_row_of(p)}]", meta={**p.meta, "row": _row_of(p)}) for p in loaded]
     files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
-    return Benchmark(key, problems, files, "parquet", loaded.stats, src if src.is_dir() else src.parent)
+    source = {"layout": "parquet", "split": "test" if src.is_dir() else None, "schema": "the training schema"}
+    return Benchmark(
+        key, problems, files, "parquet", loaded.stats, src if src.is_dir() else src.parent, source=source
+    )
 
 
 def _row_of(p: Problem) -> int:
@@ -312,7 +315,8 @@ def load_synth() -> Benchmark:
         raise ValueError(f"benchmark synth: {src} does not exist (rebuild with python -m vppo.synth)")
     loaded = load_problems(src)
     problems = [replace(p, uid=f"synth[{_row_of(p)}]", meta={**p.meta, "row": _row_of(p)}) for p in loaded]
-    return Benchmark("synth", problems, [src], "synth", loaded.stats, None)
+    source = {"layout": "synth", "split": "test", "schema": "vppo.synth"}
+    return Benchmark("synth", problems, [src], "synth", loaded.stats, None, source=source)
 
 
 def load_benchmark(
@@ -337,6 +341,11 @@ def load_benchmark(
         raise ValueError(f"limit must be positive, got {limit}")
     paths = {canonical(k): Path(v).expanduser() for k, v in (paths or {}).items()}
     splits = {canonical(k): v for k, v in (splits or {}).items()}
+    for k in set(paths) | set(splits):
+        if k not in RELEASES:
+            raise ValueError(
+                f"benchmark {TITLES[k]} has no release of its own to read (known: {sorted(RELEASES)})"
+            )
     bench = None
     if key in paths:
         bench = load_release(key, paths[key], split=splits.get(key), strict=strict)
@@ -360,6 +369,11 @@ def load_benchmark(
             f"benchmark {TITLES[key]} not found in {data_dir}: looked for the dataset_info.json entry "
             f"{ENTRY_NAMES.get(key, key)!r} (in DIR or DIR/data){folder} and for {key}.parquet or a "
             f"{key}/ folder of training-schema parquet" + _listing(Path(data_dir))
+        )
+    if key in splits and bench.layout != "release":
+        raise ValueError(
+            f"--split {key}={splits[key]}: a split of the benchmark's own release, but {bench.title} was "
+            f"read from {bench.layout} files {[str(f) for f in bench.files]}, which hold one split"
         )
     if limit is not None and len(bench.problems) > limit:
         bench.problems = bench.problems[:limit]
@@ -436,7 +450,8 @@ def check_benchmark(bench: Benchmark, suffix: str | None = PROMPT_SUFFIX) -> dic
         "files": [str(f) for f in bench.files],
         "rows": bench.stats.rows,
         "problems": len(bench.problems),
-        "broken": bench.broken,
+        "broken": bench.broken or ([bench.stats.first_broken] if bench.stats.first_broken else []),
+        "broken_count": bench.stats.broken,
         "images": sum(len(p.images) for p in bench.problems),
         "problems_with_images": sum(bool(p.images) for p in bench.problems),
         "answer_kinds": dict(sorted(kinds.items())),
@@ -454,7 +469,7 @@ def check_report(checks: list[dict[str, Any]], errors: dict[str, str]) -> str:
             f"== {c['title']} ({c['name']}): {c['layout']} layout; {src}",
             f"   schema: {c['source'].get('schema', '-')}",
             "   files: " + ", ".join(c["files"]),
-            f"   rows {c['rows']}, problems {c['problems']}, broken {len(c['broken'])}, images "
+            f"   rows {c['rows']}, problems {c['problems']}, broken {c['broken_count']}, images "
             f"{c['images']} (in {c['problems_with_images']} problems), answers "
             + ", ".join(f"{k} {v}" for k, v in c["answer_kinds"].items()),
         ]
