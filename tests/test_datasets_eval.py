@@ -141,6 +141,15 @@ def test_authors_layout_loads_all_eight_from_the_checkout_root_and_from_data(aut
     src = authors / "data/images/hiyouga_geometry3k/1.png"
     assert geo.problems[1].images == (str(src.resolve()),)
     assert np.array_equal(np.asarray(geo.problems[1].pil_images()[0]), _pixels(src))
+    # the instruction already in the file, spaced otherwise, is not asked twice
+    f = authors / "data/papo/hiyouga_geometry3k.json"
+    recs = json.loads(f.read_text())
+    suffix = ev.PROMPT_SUFFIX.replace(" ", "  ").replace(". Then", ".\nThen")
+    recs[1]["messages"][0]["content"] += "\n" + suffix
+    f.write_text(json.dumps(recs))
+    geo = load_benchmark("geo3k", authors)
+    assert geo.problems[1].problem == "<image>What is x? (hiyouga_geometry3k 1)"
+    assert geo.source["suffix_in_file"] == 1
     vd = load_benchmark("mathverse_vision_dependent", authors)
     mv = load_benchmark("MathVerse", authors)
     assert (
@@ -266,7 +275,8 @@ def make_releases(d: Path) -> Path:
     ]
     _parquet(d / "MMK12/data/test-00000-of-00001.parquet", mk)
     _parquet(d / "MMK12/data/train-00000-of-00001.parquet", mk * 3)
-    # We-Math/We-Math: a testmini table with question, ONE option string, image_path (files), answer
+    # We-Math/We-Math: testmini.json with ID, key, question, ONE option string, image_path (a file
+    # under images/), answer
     (d / "We-Math/images").mkdir(parents=True)
     wm = []
     for i in range(2):
@@ -276,7 +286,8 @@ def make_releases(d: Path) -> Path:
                 "ID": f"{i + 1}@1",
                 "question": f"How many sides ({i})?",
                 "option": "A. 3; B. 4; C. 5",
-                "image_path": f"images/{i}.png",
+                "image_path": f"{i}.png",
+                "key": "2steps_1",
                 "answer": "B",
                 "knowledge concept": "polygons",
             }
@@ -421,7 +432,8 @@ def test_raw_releases_name_what_is_wrong(releases):
     with pytest.warns(UserWarning, match="1 broken"):
         wm = load_benchmark("wemath", releases)
     assert len(wm.problems) == 1 and wm.broken == [
-        f"row 1: image file 'images/1.png' not found (looked at ['{releases / 'We-Math/images/1.png'}'])"
+        f"row 1: image file '1.png' not found (looked at ['{releases / 'We-Math/images/1.png'}', "
+        f"'{releases / 'We-Math/1.png'}'])"
     ]
     # a split asked of files that hold one, and a release asked of a benchmark that has none
     with pytest.raises(ValueError, match="--split geo3k=train: a split of the benchmark's own release"):
@@ -430,7 +442,7 @@ def test_raw_releases_name_what_is_wrong(releases):
         load_benchmark("geo3k", None, paths={"synth": releases})
     r = _check("--data-dir", str(releases), "--benchmarks", "wemath,mmk12,geo3k")
     assert not r["ok"] and set(r["errors"]) == {"mmk12"}
-    assert "broken row 1: image file 'images/1.png' not found" in r["report"]
+    assert "broken row 1: image file '1.png' not found" in r["report"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """LogicVista as released by its authors (lscpku/LogicVista on the Hub, Yijia-Xiao/LogicVista on GitHub).
 
-Schema (the issue's reading of the release; the exact key names below are an assumption the
-published card does not spell out): `dataset.json`, a JSON object keyed by question id whose values
-hold `imagename` (a file under `images/`), `question` (the choices are written inside the text)
+Schema (the release as public loaders read it; the published card does not spell the keys out):
+`dataset.json`, a JSON object keyed by question id whose values hold `imagename` (a file under
+`images/`), `question` (the choices are written inside the text)
 and `answer` (one or more capital letters, e.g. `A` or `A, C`), plus `reasoning`, `skill` and other
 meta; the images in `images/`. A row becomes `<image>` + question; the answer as stored. 448
 problems, all of them (the benchmark has one split).

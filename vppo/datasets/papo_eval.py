@@ -17,7 +17,9 @@ Image paths are resolved as LLaMA-Factory resolves them when PAPO-Eval's scripts
 checkout root: relative to the media folder (default: the dataset folder, `data/`) when the file
 is there, else relative to the working directory, the checkout root (the parent of `data/`); the
 folder of the JSON file is tried last (older layouts of this project). The question is the first
-user turn, the label the last assistant turn (a label written `\\boxed{x}` is unwrapped to `x`;
+user turn (the released prompt suffix at its end, if the file carries it, is dropped whatever its
+spacing: the evaluation appends the suffix itself), the label the last assistant turn (a label
+written `\\boxed{x}` is unwrapped to `x`;
 PAPO-Eval's grader compares the boxed content of a response with the label as stored). The
 `alpaca` formatting (prompt / query / response columns) is read too.
 """
@@ -90,10 +92,16 @@ def unbox(label: str) -> str:
     return inner.strip() if depth == 0 else s
 
 
+# The released suffix at the end of a text, whatever whitespace separates its words (a file that
+# wraps or double-spaces it must not leave the instruction in the prompt twice).
+_SUFFIX_RE = re.compile(r"\s*" + r"\s+".join(re.escape(w) for w in PROMPT_SUFFIX.split()) + r"\s*$")
+
+
 def strip_suffix(text: str) -> str:
-    """Drop a VPPO prompt suffix already present in the question: the evaluation appends it."""
-    t = text.rstrip()
-    return t[: -len(PROMPT_SUFFIX)].rstrip() if t.endswith(PROMPT_SUFFIX) else text
+    """Drop the VPPO prompt suffix (the PAPO / EasyR1 format prompt) already at the end of the
+    question, compared word by word: the evaluation appends it once."""
+    m = _SUFFIX_RE.search(text)
+    return text[: m.start()] if m else text
 
 
 def message_tags(records: list[dict], cols: dict, tags: dict, where: str) -> tuple[str, str, str, str]:
@@ -134,7 +142,7 @@ def read(info_file: Path, name: str) -> tuple[RawRows, str]:
     if formatting == "sharegpt":
         role, content, user, assistant = message_tags(records, cols, tags, where)
     base = [media, media.parent, path.parent]
-    rows, broken = [], {}
+    rows, broken, n_stripped = [], {}, 0
     for i, rec in enumerate(records):
         if formatting == "sharegpt":
             msgs = rec.get(cols.get("messages", "conversations")) or []
@@ -155,10 +163,14 @@ def read(info_file: Path, name: str) -> tuple[RawRows, str]:
         except (ValueError, FileNotFoundError) as e:
             rows.append(broken_row(i, str(e), broken))
             continue
-        question = strip_suffix(str(question))
+        stripped = strip_suffix(str(question))
+        n_stripped += stripped != str(question)
+        question = stripped
         if images and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER * len(images) + question
         label = unbox(label) if isinstance(label, str) else label  # vppo.data counts the others
         rows.append({"problem": question, "answer": label, "images": images, "row": i})
     choice = {"entry": name, "dataset_info": str(info_file), "formatting": formatting, "schema": SCHEMA}
+    if n_stripped:  # the files carried the instruction; the evaluation appends its own suffix once
+        choice["suffix_in_file"] = n_stripped
     return RawRows(rows, [info_file, path], choice, broken), formatting

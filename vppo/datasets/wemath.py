@@ -1,12 +1,12 @@
 """We-Math as We-Math/We-Math releases it on the Hub (the VPPO README's We-Math link).
 
-Schema (the issue's reading of the release; the dataset card's file list could not be fetched
-here, so the file name and format are taken loosely): a `testmini` table (`testmini.json`,
-`.jsonl`, `.csv` or `.parquet`, anywhere in the folder) of 1,740 problems with `question`, `option`
-(ONE string holding every choice, e.g. `A. 3; B. 4; C. 5; D. 6; E. No correct answer`),
-`image_path` (relative to the release folder) and `answer` (a capital letter), plus `ID`,
-`knowledge concept`, `key` and other meta. A row becomes `<image>` + question + a `Choices:` line
-holding the option string verbatim; the answer as stored.
+Schema (the release as public loaders read it; the dataset card itself could not be fetched here):
+`testmini.json`, a JSON list of 1,740 problems with `ID`, `key` (the step of a multi-step problem),
+`question`, `option` (ONE string holding every choice, e.g. `A. 3; B. 4; C. 5; D. 6; E. No correct
+answer`), `image_path` (a file name under the release's `images/` folder) and `answer` (a capital
+letter), plus `knowledge concept` and other meta. Any `testmini` table (JSON lines, CSV, parquet)
+in the folder is read the same way. A row becomes `<image>` + question + a `Choices:` line holding
+the option string verbatim; the answer as stored.
 
 Default split: `testmini`, the split the We-Math paper and the authors evaluate (the only one with
 answers).
@@ -30,7 +30,9 @@ from vppo.datasets import (
 KEY = "wemath"
 SOURCE = "We-Math/We-Math"
 FOLDER = "We-Math"
-SCHEMA = "We-Math/We-Math: testmini table with question, option (one string), image_path, answer"
+SCHEMA = (
+    "We-Math/We-Math: testmini.json with question, option (one string), image_path (under images/), answer"
+)
 DEFAULT_SPLIT = "testmini"
 
 
@@ -48,7 +50,7 @@ def read(path: Path, split: str | None = None) -> RawRows:
                 text = text_of(rec, "question")
                 option = str(rec["option"] or "").strip()
                 text = f"{text.rstrip()}\nChoices: {option}" if option else text
-                image = image_value(rec["image_path"], [root, f.parent])
+                image = image_value(rec["image_path"], [root / "images", root, f.parent])
             except (ValueError, FileNotFoundError) as e:
                 rows.append(broken_row(i, str(e), broken))
                 continue
