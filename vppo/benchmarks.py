@@ -185,6 +185,12 @@ def find_entry(info: dict, key: str, info_path: Path | None) -> str | None:
     return hits[0] if hits else None
 
 
+def sharegpt_rows(records: list[dict], entry: dict, where: str) -> list[dict]:
+    """ShareGPT / alpaca records -> training-schema rows, image paths as written
+    (vppo.datasets.papo_eval.records_to_rows)."""
+    return papo_eval.records_to_rows(records, entry, where, None).rows
+
+
 def load_authors(key: str, data_dir: Path, *, strict: bool = False) -> Benchmark | None:
     """Benchmark `key` from the authors' layout in DIR (DIR or DIR/data holding dataset_info.json),
     or None when there is no such file or no entry for it."""

@@ -129,19 +129,27 @@ def read(info_file: Path, name: str) -> tuple[RawRows, str]:
     where = f"{info_file}[{name!r}]"
     if "file_name" not in entry:
         raise ValueError(f"{where}: the entry has no 'file_name' (hub entries are not read offline)")
-    formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("sharegpt", "alpaca"):
-        raise ValueError(f"{where}: formatting must be 'sharegpt' or 'alpaca', got {formatting!r}")
     media = info_file.parent  # LLaMA-Factory's media_dir defaults to the dataset folder
     path = media / entry["file_name"]
     if not path.is_file():
         raise ValueError(f"{where} names {path}, which does not exist")
-    records = read_records(path)
+    raw = records_to_rows(read_records(path), entry, where, [media, media.parent, path.parent])
+    raw.files = [info_file, path]
+    raw.choice = {"entry": name, "dataset_info": str(info_file), **raw.choice}
+    return raw, raw.choice["formatting"]
+
+
+def records_to_rows(records: list[dict], entry: dict, where: str, base: list[Path] | None) -> RawRows:
+    """ShareGPT / alpaca records of a dataset_info `entry` -> training-schema rows. Image paths are
+    resolved under the `base` folders in order (a path found nowhere makes its row broken, with the
+    places looked); `base=None` keeps them as written."""
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("sharegpt", "alpaca"):
+        raise ValueError(f"{where}: formatting must be 'sharegpt' or 'alpaca', got {formatting!r}")
     cols, tags = entry.get("columns", {}), entry.get("tags", {})
     image_col = cols.get("images", "images")
     if formatting == "sharegpt":
         role, content, user, assistant = message_tags(records, cols, tags, where)
-    base = [media, media.parent, path.parent]
     rows, broken, n_stripped = [], {}, 0
     for i, rec in enumerate(records):
         if formatting == "sharegpt":
@@ -159,7 +167,7 @@ def read(info_file: Path, name: str) -> tuple[RawRows, str]:
         images = rec.get(image_col) or []
         images = [images] if isinstance(images, str) else list(images)
         try:
-            images = [image_value(im, base) for im in images]
+            images = [image_value(im, base) for im in images] if base is not None else images
         except (ValueError, FileNotFoundError) as e:
             rows.append(broken_row(i, str(e), broken))
             continue
@@ -170,7 +178,7 @@ def read(info_file: Path, name: str) -> tuple[RawRows, str]:
             question = IMAGE_PLACEHOLDER * len(images) + question
         label = unbox(label) if isinstance(label, str) else label  # vppo.data counts the others
         rows.append({"problem": question, "answer": label, "images": images, "row": i})
-    choice = {"entry": name, "dataset_info": str(info_file), "formatting": formatting, "schema": SCHEMA}
+    choice = {"formatting": formatting, "schema": SCHEMA}
     if n_stripped:  # the files carried the instruction; the evaluation appends its own suffix once
         choice["suffix_in_file"] = n_stripped
-    return RawRows(rows, [info_file, path], choice, broken), formatting
+    return RawRows(rows, [], choice, broken)
