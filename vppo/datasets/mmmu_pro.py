@@ -12,9 +12,10 @@ same columns): one folder per config with `test-*.parquet`:
 - `vision`: `id`, `image` (a screenshot showing the question and its options), `options`, `answer`,
   `subject`. A row becomes `<image>` alone, as the config intends (the options are in the image).
 
-Default config: `standard (10 options)`, MMMU-Pro's main text-and-image setting; the authors' file
-(`MMMU_MMMU_Pro` in PAPO-Eval / VPPO-Eval) does not say which config it was built from, so
-`--split mmmu_pro=vision` reads the other.
+Default config: `standard (10 options)`, MMMU-Pro's main text-and-image setting. Which config the
+authors' file (`MMMU_MMMU_Pro` in PAPO-Eval / VPPO-Eval) was built from is not published; PAPO-Eval's
+`papo_eval/run_eval.py` groups it with its vision-dependent sets, which may point at `vision`, not
+confirmed. `--split mmmu_pro=vision` reads that config.
 """
 
 from __future__ import annotations
