@@ -551,6 +551,9 @@ def test_generation_run_on_raw_releases_and_a_refused_image_is_skipped(micro, re
         "mmk12[0]",
         "mmk12[2]",
     ]
+    with pytest.raises(ValueError, match="MMK12: broken row 1: the processor refuses its image"):
+        strict = ["--data-dir", str(data), "--benchmarks", "mmk12", "--strict", "--out", str(tmp_path / "s")]
+        ev.main(["--model", str(micro), *strict, *FAST])
 
     # the real sampler, a raw release, the authors' grader
     out = tmp_path / "raw"

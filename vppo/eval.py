@@ -240,9 +240,9 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def drop_refused_images(bench: Benchmark, processor) -> list[str]:
+def drop_refused_images(bench: Benchmark, processor, strict: bool = False) -> list[str]:
     """Skip the problems whose images the processor refuses (Qwen2-VL: an aspect ratio over 200),
-    counted as broken rows and named; ValueError when none is left."""
+    counted as broken rows and named; ValueError when none is left (or, `strict`, at the first)."""
     refused, keep = [], []
     for p in bench.problems:
         try:
@@ -251,6 +251,8 @@ def drop_refused_images(bench: Benchmark, processor) -> list[str]:
             keep.append(p)
         except ValueError as e:
             refused.append(f"row {p.meta['row']}: the processor refuses its image ({e})")
+            if strict:
+                raise ValueError(f"benchmark {bench.title}: broken {refused[-1]}") from e
     if refused:
         bench.problems = keep
         bench.broken = sorted(bench.broken + refused, key=lambda b: int(b.split(":")[0].split()[1]))
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         torch.set_num_threads(args.threads)
     processor = load_eval_processor(model_path, args.min_pixels, args.max_pixels)
     for b in benches:  # before any generation: one refused image must not abort the run (issue 26)
-        drop_refused_images(b, processor)
+        drop_refused_images(b, processor, strict=args.strict)
     suffix = args.prompt_suffix if args.prompt_suffix is not None else load_prompt_suffix(model_path)
     if sample_fn is None and args.engine == "vllm":
         sample_fn = _vllm_sample_fn(args, model_path, processor, benches, gen, suffix)
