@@ -470,7 +470,7 @@ def check_report(checks: list[dict[str, Any]], errors: dict[str, str]) -> str:
     """The --check-data text: one block per benchmark, errors last."""
     out = []
     for c in checks:
-        src = ", ".join(f"{k}={v}" for k, v in c["source"].items() if k not in ("schema",))
+        src = ", ".join(f"{k}={v}" for k, v in c["source"].items() if k not in ("schema", "layout"))
         out += [
             f"== {c['title']} ({c['name']}): {c['layout']} layout; {src}",
             f"   schema: {c['source'].get('schema', '-')}",

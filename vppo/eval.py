@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,6 +66,7 @@ from vppo.data import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     PROMPT_SUFFIX,
+    BrokenRowWarning,
     image_token_count,
     load_processor,
     load_prompt_suffix,
@@ -271,7 +273,11 @@ def check_data(args, names: list[str]) -> dict:
     suffix = args.prompt_suffix if args.prompt_suffix is not None else PROMPT_SUFFIX
     for n in names:
         try:
-            b = load_benchmark(n, args.data_dir, strict=False, paths=args.benchmark_path, splits=args.split)
+            with warnings.catch_warnings():  # the broken rows are in the report, with their reasons
+                warnings.simplefilter("ignore", BrokenRowWarning)
+                b = load_benchmark(
+                    n, args.data_dir, strict=False, paths=args.benchmark_path, splits=args.split
+                )
             checks.append(check_benchmark(b, suffix))
         except ValueError as e:
             errors[n] = str(e)
