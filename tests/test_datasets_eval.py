@@ -203,6 +203,9 @@ def test_check_data_exits_non_zero_on_a_missing_benchmark(authors):
     assert p.returncode == 1, p.stderr[-2000:]
     assert "== Geo3k (geo3k): sharegpt layout" in p.stdout and "MMK12 (mmk12): ERROR" in p.stdout
     assert "'PAPO_MMK12'" in p.stdout  # the entry it looked for
+    (authors / "data/papo/hiyouga_geometry3k.json").write_text("[]")  # an empty benchmark
+    r = _check("--data-dir", str(authors), "--benchmarks", "geo3k,wemath")
+    assert not r["ok"] and "Geo3k: no usable problems" in r["errors"]["geo3k"] and len(r["check"]) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
