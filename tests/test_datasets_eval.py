@@ -150,7 +150,7 @@ def test_authors_layout_loads_all_eight_from_the_checkout_root_and_from_data(aut
     geo = load_benchmark("geo3k", authors)
     assert geo.problems[1].problem == "<image>What is x? (hiyouga_geometry3k 1)"
     assert geo.source["suffix_in_file"] == 1
-    vd = load_benchmark("mathverse_vision_dependent", authors)
+    vd = load_benchmark("MathVerse-VD", authors)
     mv = load_benchmark("MathVerse", authors)
     assert (
         vd.source["entry"] == "AI4Math_MathVerse_vision_dependent"

@@ -76,6 +76,7 @@ ENTRY_NAMES = {
 # entry names, the Hub repositories' names.
 ALIASES = {
     "geometry3k": "geo3k",
+    "mathversevd": "mathverse_vision_dependent",  # its title
     **{re.sub(r"[^a-z0-9]", "", v.lower()): k for k, v in ENTRY_NAMES.items()},
     **{
         re.sub(r"[^a-z0-9]", "", m.SOURCE.lower()): k
