@@ -174,10 +174,6 @@ def normalize_pair(pred: str, gt: str) -> tuple[str, str]:
     return pred, gt
 
 
-# ---------------------------------------------------------------------------------------------
-# Worker processes (a fresh interpreter each: no torch, no CUDA, no inherited threads).
-
-
 def extract_boxed_released(text: str) -> str | None:
     """What the authors' harness grades: mathruler's extract_boxed_content of the response with the
     whitespace around `< > /` collapsed; None where it finds no box (its "None" sentinel)."""
@@ -185,6 +181,10 @@ def extract_boxed_released(text: str) -> str | None:
 
     content = extract_boxed_content(collapse_ops(text))
     return None if content == "None" else content
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes (a fresh interpreter each: no torch, no CUDA, no inherited threads).
 
 
 def _worker_main() -> None:
