@@ -6,7 +6,7 @@ questions each): `id`, `question` (multiple-choice questions carry their options
 text), `image` (a path string), `decoded_image` (an image struct {"bytes", "path"}),
 `ground_truth` (the answer: a capital letter for multiple choice, else a number or expression),
 `answer_type`, `subject`, `knowledge_level`. A row becomes `<image>` + question, the answer
-`ground_truth`; the image is `decoded_image`.
+`ground_truth`; the image is `decoded_image` (`image` when that is empty).
 
 Default: all ten variants, variant-major (5,010 problems): DynaMath's own average-case accuracy is
 taken over the ten variants. The VPPO README says the authors filtered DynaMath to verifiable,
@@ -75,7 +75,7 @@ def read(path: Path, split: str | None = None) -> RawRows:
             i = len(rows)
             try:
                 text = with_image(text_of(rec, "question"))
-                image = image_value(rec["decoded_image"], [f.parent, *base])
+                image = image_value(rec["decoded_image"] or rec.get("image"), [f.parent, *base])
             except (ValueError, FileNotFoundError) as e:
                 rows.append(broken_row(i, str(e), broken))
                 continue

@@ -6,7 +6,8 @@ with `id`, `question`, `options` (a list, empty for free-form problems), `image`
 as `images/1.jpg`), `decoded_image` (an image struct {"bytes", "path"}), `answer` (a capital
 letter when there are options, else free-form), `solution`, `level`, `subject`. A row becomes
 `<image>` + the question with its options folded in (vppo.datasets.fold_options: a `Choices:` block
-of `A. option` lines), the answer as stored; the image is `decoded_image`.
+of `A. option` lines), the answer as stored; the image is `decoded_image` (`image`, a path under
+the release folder, when that is empty).
 
 Default split: `test`. The VPPO README says the authors filtered MathVision to verifiable,
 exact-match instances (their file ships in chamber111/VPPO-Eval as `MathLLMs_MathVision`); which
@@ -51,7 +52,7 @@ def read(path: Path, split: str | None = None) -> RawRows:
             i = len(rows)
             try:
                 text = fold_options(text_of(rec, "question"), parse_options(rec["options"]))
-                image = image_value(rec["decoded_image"], [f.parent, *base])
+                image = image_value(rec["decoded_image"] or rec.get("image"), [f.parent, *base])
             except (ValueError, FileNotFoundError) as e:
                 rows.append(broken_row(i, str(e), broken))
                 continue
