@@ -3,23 +3,30 @@
     names = resolve_names("all")                     # the eight paper benchmarks, Table 1 order
     bench = load_benchmark("geo3k", "data/eval")     # -> Benchmark(name, problems, files, ...)
 
-Two layouts are read, tried in this order for each benchmark:
+Where a benchmark is found, tried in this order (docs/data.md has one paragraph per source):
 
-1. The authors' evaluation layout (LLaMA-Factory style): `DIR/dataset_info.json` maps a dataset
-   name to {"file_name", "formatting": "sharegpt", "columns", "tags"}; the file is a JSON list (or
-   JSON lines) of records with `messages` [{"role": "user", "content": "...<image>..."},
-   {"role": "assistant", "content": "<label>"}] and `images`, paths relative to DIR (LLaMA-Factory's
-   media dir) or to the file's folder. Entry names match a benchmark when they normalise to it
-   (case, `-`, `_` ignored), optionally followed by a split or subset: "We-Math", "wemath_test" and
-   "MathVerse-testmini-vision-only" all work; an exact name wins, several others are an error.
-   The `alpaca` formatting (prompt/query/response columns) is read too.
-2. The training schema (`problem` with `<image>` placeholders, `answer`, `images`) in parquet:
+1. `paths[name]`: a benchmark's own release given one by one (`--benchmark-path NAME=PATH`), read by
+   its module in vppo.datasets.
+2. The authors' layout (vppo.datasets.papo_eval): DIR is a PAPO-Eval checkout holding the `data/`
+   folder of chamber111/VPPO-Eval, or that `data/` folder itself; the benchmark is the
+   `data/dataset_info.json` entry with its real name (`hiyouga_geometry3k`, `AI4Math_MathVerse`,
+   `AI4Math_MathVerse_vision_dependent` (the benchmark `mathverse_vision_dependent`),
+   `We-Math_We-Math`, `lscpku_LogicVista`, `MMMU_MMMU_Pro`, `PAPO_MMK12`, `DynaMath_DynaMath_Sample`,
+   `MathLLMs_MathVision`), or an entry named like the benchmark optionally followed by a split or
+   subset ("We-Math", "wemath_test", "MathVerse-testmini-vision-only"); an exact name wins, several
+   others are an error listing them.
+3. The benchmark's own release (Hub / GitHub) in DIR/<FOLDER>, the folder name
+   `hf download <repo> --local-dir <FOLDER>` gives (geometry3k, MathVerse, We-Math, LogicVista,
+   MMMU_Pro, MMK12, DynaMath_Sample, MathVision), read by its module in vppo.datasets with its
+   default split / config / version (`splits[name]` overrides it).
+4. The training schema (`problem` with `<image>` placeholders, `answer`, `images`) in parquet:
    `DIR/<name>.parquet` or a folder `DIR/<name>/` (its `test` split when the files name splits).
 
 The ninth benchmark, "synth", is the synthetic test split (vppo.synth) unless DIR holds one of its
 own. Every problem keeps its row index in the source (`Problem.meta["row"]`): the evaluation
 derives its sampling seed from it, so a benchmark with a skipped broken row seeds the others the
-same way as before.
+same way as before. A broken row is skipped, counted and named with its reason (`Benchmark.broken`);
+a benchmark whose every image is missing is an error.
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vppo import synth
-from vppo.data import IMAGE_PLACEHOLDER, PROMPT_SUFFIX, LoadStats, Problem, load_problems
+from vppo.data import PROMPT_SUFFIX, BrokenRowWarning, LoadStats, Problem, load_problems
+from vppo.datasets import RELEASES, RawRows, answer_kind, papo_eval
+from vppo.datasets.mathverse import VISION_DEPENDENT
+from vppo.datasets.papo_eval import unbox  # noqa: F401 - part of this module's API (tests, callers)
 
 # Canonical key -> display name, in the column order of the paper's Table 1; "synth" last.
 TITLES = {
@@ -44,11 +56,34 @@ TITLES = {
     "wemath": "We-Math",
     "logicvista": "LogicVista",
     "mmmu_pro": "MMMU-Pro",
+    "mathverse_vision_dependent": "MathVerse-VD",
     "synth": "synth",
 }
-PAPER_BENCHMARKS = tuple(k for k in TITLES if k != "synth")
-# Other names of a benchmark (normalised form -> key), e.g. the hub's hiyouga/geometry3k.
-ALIASES = {"geometry3k": "geo3k"}
+PAPER_BENCHMARKS = tuple(k for k in TITLES if k not in ("synth", "mathverse_vision_dependent"))
+# The entry names of the authors' data/dataset_info.json (PAPO-Eval + chamber111/VPPO-Eval).
+ENTRY_NAMES = {
+    "geo3k": "hiyouga_geometry3k",
+    "mathverse": "AI4Math_MathVerse",
+    "mathverse_vision_dependent": "AI4Math_MathVerse_vision_dependent",
+    "wemath": "We-Math_We-Math",
+    "logicvista": "lscpku_LogicVista",
+    "mmmu_pro": "MMMU_MMMU_Pro",
+    "mmk12": "PAPO_MMK12",
+    "dynamath": "DynaMath_DynaMath_Sample",
+    "mathvision": "MathLLMs_MathVision",
+}
+# Other names of a benchmark (normalised form -> key): the hub's hiyouga/geometry3k, the authors'
+# entry names, the Hub repositories' names.
+ALIASES = {
+    "geometry3k": "geo3k",
+    "mathversevd": "mathverse_vision_dependent",  # its title
+    **{re.sub(r"[^a-z0-9]", "", v.lower()): k for k, v in ENTRY_NAMES.items()},
+    **{
+        re.sub(r"[^a-z0-9]", "", m.SOURCE.lower()): k
+        for k, m in RELEASES.items()
+        if k != "mathverse_vision_dependent"
+    },
+}
 
 # avg@8 (%) from the paper's Table 1 (docs/algorithm.md section 6).
 PAPER_RESULTS = {
@@ -71,11 +106,13 @@ class Benchmark:
     name: str  # canonical key, e.g. "wemath"
     problems: list[Problem]
     files: list[Path]  # the files read (hashed into the manifest)
-    layout: str  # "sharegpt" | "alpaca" | "parquet" | "synth"
+    layout: str  # "sharegpt" | "alpaca" (the authors' layout) | "release" | "parquet" | "synth"
     stats: LoadStats = field(default_factory=LoadStats)
     image_dir: Path | None = None
     skipped_in_limit: int = 0  # with `limit`: rows skipped before the kept problems (a broken row 3
     # of --limit 5 means rows 0-5 were read to keep 5)
+    source: dict[str, Any] = field(default_factory=dict)  # what was read and why (split, entry, schema)
+    broken: list[str] = field(default_factory=list)  # "row N: reason" of every skipped row
 
     @property
     def title(self) -> str:
@@ -118,168 +155,121 @@ def resolve_names(spec: str | list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the authors' layout: dataset_info.json + ShareGPT (or alpaca) JSON files
+# names in the authors' layout
+
+
+def _names(key: str) -> list[str]:
+    return [normalize(key)] + [a for a, k in ALIASES.items() if k == key]
 
 
 def _entry_matches(entry: str, key: str) -> bool:
     """An entry or file name names benchmark `key` when it normalises to the key or an alias of it,
-    optionally followed by a split or subset ("geo3k_test", "MathVerse-testmini-vision-only"). No
-    name is a prefix of another benchmark's name, so a prefix cannot pick the wrong benchmark."""
+    optionally followed by a split or subset ("geo3k_test", "MathVerse-testmini-vision-only")."""
     norm = normalize(entry)
-    names = [normalize(key)] + [normalize(a) for a, k in ALIASES.items() if k == key]
-    return any(norm.startswith(n) for n in names)
+    return any(norm.startswith(n) for n in _names(key))
 
 
-def find_entry(info: dict, key: str, info_path: Path) -> str | None:
-    """The dataset_info entry for benchmark `key`: an exact (normalised) name first, then name+split."""
-    exact = [e for e in info if normalize(e) == normalize(key)]
-    hits = exact or [e for e in info if _entry_matches(e, key)]
+def find_entry(info: dict, key: str, info_path: Path | None) -> str | None:
+    """The dataset_info entry for benchmark `key`: an exact (normalised) name first, then
+    name+split. An entry that is exactly another benchmark's name never matches by prefix
+    (`AI4Math_MathVerse_vision_dependent` is not MathVerse). Several matches are an error."""
+    exact = [e for e in info if normalize(e) in _names(key)]
+    if exact:
+        return exact[0]
+    others = {n for k in TITLES if k != key for n in _names(k)}
+    hits = [e for e in info if _entry_matches(e, key) and normalize(e) not in others]
     if len(hits) > 1:
         raise ValueError(
-            f"benchmarks: {key!r} matches several entries of {info_path}: {hits}; "
-            "rename the ones not to evaluate or keep one file per benchmark"
+            f"benchmarks: {key!r} matches several entries of {info_path}: {hits}; name one of them "
+            "exactly (--benchmarks accepts entry names), or keep one file per benchmark"
         )
     return hits[0] if hits else None
 
 
-def _read_records(path: Path) -> list[dict]:
-    """Records of a JSON list file, a JSON lines file (.jsonl, or any file that is not one JSON
-    value), or a {"<key>": [...]} wrapper."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = None if path.suffix == ".jsonl" else json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if data is None:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is neither JSON nor JSON lines: {e}") from e
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path} must hold a list of records")
-    return data
-
-
-def unbox(label: str) -> str:
-    """A label written as `\\boxed{x}` -> `x` (the grader compares the boxed content of a response
-    with the bare answer). Anything else is returned stripped."""
-    s = label.strip()
-    m = re.fullmatch(r"\\boxed\s*\{(.*)\}", s, flags=re.S)
-    if m is None:
-        return s
-    inner, depth = m.group(1), 0
-    for ch in inner:  # only unwrap when the braces of the box close at the very end
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if depth < 0:
-            return s
-    return inner.strip() if depth == 0 else s
-
-
-def _strip_suffix(text: str) -> str:
-    """Drop a VPPO prompt suffix already present in the question: the loader appends it."""
-    t = text.rstrip()
-    return t[: -len(PROMPT_SUFFIX)].rstrip() if t.endswith(PROMPT_SUFFIX) else text
-
-
 def sharegpt_rows(records: list[dict], entry: dict, where: str) -> list[dict]:
-    """ShareGPT / alpaca records -> training-schema rows {"problem", "answer", "images", "row"}.
-
-    The question is the first user turn, the label the last assistant turn (unwrapped from
-    `\\boxed{}`). A record with images but no `<image>` placeholder gets them in front of the text,
-    as LLaMA-Factory's Qwen2-VL template places them. Records that cannot be read are kept with an
-    empty problem, so load_problems() counts them as broken rows.
-    """
-    formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("sharegpt", "alpaca"):
-        raise ValueError(f"{where}: formatting must be 'sharegpt' or 'alpaca', got {formatting!r}")
-    cols, tags = entry.get("columns", {}), entry.get("tags", {})
-    image_col = cols.get("images", "images")
-    rows = []
-    if formatting == "sharegpt":
-        role, content, user, assistant = _message_tags(records, cols, tags, where)
-    for i, rec in enumerate(records):
-        question, label = "", ""
-        if formatting == "sharegpt":
-            msgs = rec.get(cols.get("messages", "conversations")) or []
-            users = [m.get(content, "") for m in msgs if isinstance(m, dict) and m.get(role) == user]
-            bots = [m.get(content, "") for m in msgs if isinstance(m, dict) and m.get(role) == assistant]
-            question, label = (users[0] if users else ""), (bots[-1] if bots else "")
-        else:
-            prompt, query = (
-                rec.get(cols.get("prompt", "instruction")) or "",
-                rec.get(cols.get("query", "input")),
-            )
-            question = f"{prompt}\n{query}" if query else prompt
-            label = rec.get(cols.get("response", "output")) or ""
-        images = rec.get(image_col) or []
-        images = [images] if isinstance(images, str) else list(images)
-        question = _strip_suffix(str(question))
-        if images and IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER * len(images) + question
-        label = unbox(label) if isinstance(label, str) else label  # load_problems counts the others
-        rows.append({"problem": question, "answer": label, "images": images, "row": i})
-    return rows
+    """ShareGPT / alpaca records -> training-schema rows, image paths as written
+    (vppo.datasets.papo_eval.records_to_rows)."""
+    return papo_eval.records_to_rows(records, entry, where, None).rows
 
 
-# (role, content, user, assistant) message keys: LLaMA-Factory's default and the OpenAI style.
-MESSAGE_TAGS = (("from", "value", "human", "gpt"), ("role", "content", "user", "assistant"))
-
-
-def _message_tags(records: list[dict], cols: dict, tags: dict, where: str) -> tuple[str, str, str, str]:
-    """The (role, content, user, assistant) keys of the ShareGPT messages: the entry's `tags` over
-    the MESSAGE_TAGS layout whose role and content keys the messages use. ValueError naming the
-    keys found when neither layout fits."""
-    col = cols.get("messages", "conversations")
-    found = {k for r in records for m in (r.get(col) or []) if isinstance(m, dict) for k in m}
-    names = ("role_tag", "content_tag", "user_tag", "assistant_tag")
-    if found and "role_tag" not in tags:
-        fits = [t for t in MESSAGE_TAGS if {t[0], t[1]} <= found]
-        if not fits:
-            raise ValueError(
-                f"{where}: the {col!r} messages have keys {sorted(found)}, neither from/value nor "
-                "role/content; set 'tags' (role_tag, content_tag, user_tag, assistant_tag) in the entry"
-            )
-        return tuple(tags.get(n, d) for n, d in zip(names, fits[0]))
-    return tuple(tags.get(n, d) for n, d in zip(names, MESSAGE_TAGS[0]))
-
-
-def _image_dir(rows: list[dict], candidates: list[Path]) -> Path:
-    """The first candidate folder under which the first relative image path exists."""
-    first = next((im for r in rows for im in r["images"] if isinstance(im, str)), None)
-    if first is None or Path(first).is_absolute():
-        return candidates[0]
-    return next((c for c in candidates if (c / first).exists()), candidates[0])
-
-
-def load_sharegpt(key: str, data_dir: Path, *, strict: bool = False) -> Benchmark | None:
-    """Benchmark `key` from DIR/dataset_info.json, or None when the file has no entry for it."""
-    info_path = data_dir / "dataset_info.json"
-    if not info_path.is_file():
+def load_authors(key: str, data_dir: Path, *, strict: bool = False) -> Benchmark | None:
+    """Benchmark `key` from the authors' layout in DIR (DIR or DIR/data holding dataset_info.json),
+    or None when there is no such file or no entry for it."""
+    info_file = papo_eval.info_path(data_dir)
+    if info_file is None:
         return None
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{info_path} is not valid JSON: {e}") from e
-    name = find_entry(info, key, info_path)
+    name = find_entry(papo_eval.read_info(info_file), key, info_file)
     if name is None:
         return None
-    entry = info[name]
-    if "file_name" not in entry:
-        raise ValueError(f"{info_path}: entry {name!r} has no 'file_name' (hub entries are not read offline)")
-    path = data_dir / entry["file_name"]
-    if not path.is_file():
-        raise ValueError(
-            f"benchmark {TITLES[key]}: {info_path} entry {name!r} names {path}, which does not exist"
+    try:
+        raw, formatting = papo_eval.read(info_file, name)
+    except ValueError as e:
+        raise ValueError(f"benchmark {TITLES[key]}: {e}") from e
+    return _benchmark(key, raw, formatting, strict=strict, image_dir=info_file.parent)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the benchmarks' own releases
+
+
+def _release_folder(key: str, data_dir: Path) -> Path | None:
+    """DIR/<FOLDER> of the benchmark's module (the name `hf download --local-dir` gives; case and
+    `-`/`_` ignored)."""
+    want = normalize(RELEASES[key].FOLDER)
+    hits = [p for p in sorted(data_dir.iterdir()) if p.is_dir() and normalize(p.name) == want]
+    return hits[0] if hits else None
+
+
+def load_release(key: str, path: Path, *, split: str | None = None, strict: bool = False) -> Benchmark:
+    """Benchmark `key` from its own release at `path` (a folder as downloaded, or one file)."""
+    module = RELEASES[key]
+    kw = {"versions": VISION_DEPENDENT} if key == "mathverse_vision_dependent" else {}
+    try:
+        raw = module.read(path, split, **kw)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"benchmark {TITLES[key]} ({module.SOURCE} release at {path}): {e}") from e
+    return _benchmark(key, raw, "release", strict=strict, image_dir=path if path.is_dir() else path.parent)
+
+
+def _benchmark(key: str, raw: RawRows, layout: str, *, strict: bool, image_dir: Path | None) -> Benchmark:
+    """RawRows -> Benchmark: vppo.data checks every row (text, answer, placeholders, every image
+    decodes); each skipped row is named with its reason."""
+    title = TITLES[key]
+    if strict and raw.broken:
+        i, reason = next(iter(sorted(raw.broken.items())))
+        raise ValueError(f"benchmark {title}: broken row {i}: {reason}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BrokenRowWarning)  # warned below, with the reasons
+        loaded = load_problems(raw.rows, id_key="row", strict=False)
+    kept = {p.meta["row"] for p in loaded}
+    reasons = dict(raw.broken)
+    for r in raw.rows:
+        if r["row"] not in kept and r["row"] not in reasons:
+            try:
+                load_problems([r], id_key="row", strict=True)
+                reasons[r["row"]] = "skipped"  # not reached: a row that loads alone loads in the set
+            except ValueError as e:
+                reasons[r["row"]] = str(e).split(": ", 1)[-1]
+    broken = [f"row {i}: {reasons[i]}" for i in sorted(reasons)]
+    if strict and broken:
+        raise ValueError(f"benchmark {title}: broken {broken[0]}")
+    loaded.stats.broken, loaded.stats.first_broken = len(broken), broken[0] if broken else None
+    if broken:
+        warnings.warn(
+            f"benchmark {title}: skipped {len(broken)} broken row(s) of {len(raw.rows)}; "
+            f"the first: {broken[0]}",
+            BrokenRowWarning,
+            stacklevel=3,
         )
-    rows = sharegpt_rows(_read_records(path), entry, f"{info_path}[{name!r}]")
-    image_dir = _image_dir(rows, [data_dir, path.parent])
-    loaded = load_problems(rows, image_dir=image_dir, strict=strict, id_key="row")
+    images_lost = [b for b in broken if any(w in b for w in ("image file", "does not decode", "no image"))]
+    if images_lost and not any(p.images for p in loaded):
+        raise ValueError(
+            f"benchmark {title}: every image is missing or unreadable ({len(images_lost)} rows; the "
+            f"first: {images_lost[0]}); a text-only evaluation of a visual benchmark is not run"
+        )
     problems = [replace(p, uid=f"{key}[{p.meta['row']}]") for p in loaded]
-    return Benchmark(
-        key, problems, [info_path, path], entry.get("formatting", "alpaca"), loaded.stats, image_dir
-    )
+    source = {"layout": layout, **raw.choice}
+    return Benchmark(key, problems, raw.files, layout, loaded.stats, image_dir, source=source, broken=broken)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,7 +297,10 @@ def load_parquet(key: str, data_dir: Path, *, strict: bool = False) -> Benchmark
     loaded = load_problems(src, split="test", strict=strict)
     problems = [replace(p, uid=f"{key}[{_row_of(p)}]", meta={**p.meta, "row": _row_of(p)}) for p in loaded]
     files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
-    return Benchmark(key, problems, files, "parquet", loaded.stats, src if src.is_dir() else src.parent)
+    source = {"layout": "parquet", "split": "test" if src.is_dir() else None, "schema": "the training schema"}
+    return Benchmark(
+        key, problems, files, "parquet", loaded.stats, src if src.is_dir() else src.parent, source=source
+    )
 
 
 def _row_of(p: Problem) -> int:
@@ -329,12 +322,23 @@ def load_synth() -> Benchmark:
         raise ValueError(f"benchmark synth: {src} does not exist (rebuild with python -m vppo.synth)")
     loaded = load_problems(src)
     problems = [replace(p, uid=f"synth[{_row_of(p)}]", meta={**p.meta, "row": _row_of(p)}) for p in loaded]
-    return Benchmark("synth", problems, [src], "synth", loaded.stats, None)
+    source = {"layout": "synth", "split": "test", "schema": "vppo.synth"}
+    return Benchmark("synth", problems, [src], "synth", loaded.stats, None, source=source)
 
 
-def load_benchmark(name: str, data_dir: str | Path | None, *, strict: bool = False, limit: int | None = None):
-    """Load one benchmark by name from `data_dir` (layouts in the module docstring).
+def load_benchmark(
+    name: str,
+    data_dir: str | Path | None,
+    *,
+    strict: bool = False,
+    limit: int | None = None,
+    paths: dict[str, str | Path] | None = None,
+    splits: dict[str, str] | None = None,
+) -> Benchmark:
+    """Load one benchmark by name (where it is looked for: the module docstring).
 
+    paths: benchmark key -> its own release (a folder as downloaded, or one file), read first.
+    splits: benchmark key -> the split / config / variants of its own release (module defaults).
     Raises ValueError naming the benchmark and what was looked for when nothing is found.
     `limit` keeps the first `limit` problems (by row); `skipped_in_limit` counts the broken rows
     passed over to reach them.
@@ -342,21 +346,41 @@ def load_benchmark(name: str, data_dir: str | Path | None, *, strict: bool = Fal
     key = canonical(name)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
+    paths = {canonical(k): Path(v).expanduser() for k, v in (paths or {}).items()}
+    splits = {canonical(k): v for k, v in (splits or {}).items()}
+    for k in set(paths) | set(splits):
+        if k not in RELEASES:
+            raise ValueError(
+                f"benchmark {TITLES[k]} has no release of its own to read (known: {sorted(RELEASES)})"
+            )
     bench = None
-    if data_dir is not None:
+    if key in paths:
+        bench = load_release(key, paths[key], split=splits.get(key), strict=strict)
+    elif data_dir is not None:
         d = Path(data_dir).expanduser()
         if not d.is_dir():
             raise ValueError(f"data_dir {d} is not a folder")
-        bench = load_sharegpt(key, d, strict=strict) or load_parquet(key, d, strict=strict)
+        bench = load_authors(key, d, strict=strict)
+        folder = _release_folder(key, d) if bench is None and key in RELEASES else None
+        if folder is not None:
+            bench = load_release(key, folder, split=splits.get(key), strict=strict)
+        if bench is None:
+            bench = load_parquet(key, d, strict=strict)
     if bench is None and key == "synth":
         bench = load_synth()
     if bench is None:
         if data_dir is None:
-            raise ValueError(f"benchmark {TITLES[key]}: no data_dir given")
+            raise ValueError(f"benchmark {TITLES[key]}: no data_dir given (nor --benchmark-path)")
+        folder = f", for its release in a folder {RELEASES[key].FOLDER}/" if key in RELEASES else ""
         raise ValueError(
-            f"benchmark {TITLES[key]} not found in {data_dir}: looked for a dataset_info.json entry named "
-            f"like {key!r} and for {key}.parquet or a {key}/ folder of parquet files"
-            + _listing(Path(data_dir))
+            f"benchmark {TITLES[key]} not found in {data_dir}: looked for the dataset_info.json entry "
+            f"{ENTRY_NAMES.get(key, key)!r} (in DIR or DIR/data){folder} and for {key}.parquet or a "
+            f"{key}/ folder of training-schema parquet" + _listing(Path(data_dir))
+        )
+    if key in splits and bench.layout != "release":
+        raise ValueError(
+            f"--split {key}={splits[key]}: a split of the benchmark's own release, but {bench.title} was "
+            f"read from {bench.layout} files {[str(f) for f in bench.files]}, which hold one split"
         )
     if limit is not None and len(bench.problems) > limit:
         bench.problems = bench.problems[:limit]
@@ -365,13 +389,16 @@ def load_benchmark(name: str, data_dir: str | Path | None, *, strict: bool = Fal
     elif limit is not None:
         bench.skipped_in_limit = bench.stats.rows - len(bench.problems)
     if not bench.problems:
-        raise ValueError(f"benchmark {bench.title}: no usable problems in {[str(f) for f in bench.files]}")
+        raise ValueError(
+            f"benchmark {bench.title}: no usable problems in {[str(f) for f in bench.files]}"
+            + (f" ({len(bench.broken)} broken rows; the first: {bench.broken[0]})" if bench.broken else "")
+        )
     return bench
 
 
 def _listing(d: Path) -> str:
-    info = d / "dataset_info.json"
-    if info.is_file():
+    info = papo_eval.info_path(d)
+    if info is not None:
         try:
             return f" (dataset_info.json entries: {sorted(json.loads(info.read_text()))})"
         except (json.JSONDecodeError, OSError, TypeError):
@@ -386,10 +413,12 @@ def describe(benchmarks: list[Benchmark]) -> list[dict[str, Any]]:
             "name": b.name,
             "title": b.title,
             "layout": b.layout,
+            "source": b.source,
             "problems": len(b.problems),
             "rows_read": b.stats.rows,
             "broken": b.stats.broken,
             "first_broken": b.stats.first_broken,
+            "broken_rows": b.broken[:50],
             "skipped_in_limit": b.skipped_in_limit,
             "non_string_answers": b.stats.non_string_answers,
             "first_non_string": b.stats.first_non_string,
@@ -397,3 +426,70 @@ def describe(benchmarks: list[Benchmark]) -> list[dict[str, Any]]:
         }
         for b in benchmarks
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the data check (python -m vppo.eval --check-data): no model
+
+
+# Qwen2-VL's image processor (smart_resize) refuses an image whose long side is more than 200 times
+# its short side; the evaluation skips such a row (vppo.eval), the check names it beforehand.
+MAX_ASPECT_RATIO = 200
+
+
+def check_benchmark(bench: Benchmark, suffix: str | None = PROMPT_SUFFIX) -> dict[str, Any]:
+    """What --check-data prints for one loaded benchmark: files, rows, broken rows and why, images,
+    answer kinds, one prompt as the model reads it (before the chat template)."""
+    kinds = Counter(answer_kind(p.answer) for p in bench.problems)
+    wide = [
+        f"{p.uid}: image {j} is {w}x{h}"
+        for p in bench.problems
+        for j, (w, h) in enumerate(p.image_sizes)
+        if max(w, h) > MAX_ASPECT_RATIO * max(min(w, h), 1)
+    ]
+    first = bench.problems[0]
+    prompt = first.problem.strip() + (f"\n\n{suffix}" if suffix else "")
+    return {
+        "name": bench.name,
+        "title": bench.title,
+        "layout": bench.layout,
+        "source": bench.source,
+        "files": [str(f) for f in bench.files],
+        "rows": bench.stats.rows,
+        "problems": len(bench.problems),
+        "broken": bench.broken or ([bench.stats.first_broken] if bench.stats.first_broken else []),
+        "broken_count": bench.stats.broken,
+        "images": sum(len(p.images) for p in bench.problems),
+        "problems_with_images": sum(bool(p.images) for p in bench.problems),
+        "answer_kinds": dict(sorted(kinds.items())),
+        "aspect_ratio_over_200": wide,
+        "prompt": {"uid": first.uid, "text": prompt, "answer": first.answer},
+    }
+
+
+def check_report(checks: list[dict[str, Any]], errors: dict[str, str]) -> str:
+    """The --check-data text: one block per benchmark, errors last."""
+    out = []
+    for c in checks:
+        src = ", ".join(f"{k}={v}" for k, v in c["source"].items() if k not in ("schema", "layout"))
+        out += [
+            f"== {c['title']} ({c['name']}): {c['layout']} layout; {src}",
+            f"   schema: {c['source'].get('schema', '-')}",
+            "   files: " + ", ".join(c["files"]),
+            f"   rows {c['rows']}, problems {c['problems']}, broken {c['broken_count']}, images "
+            f"{c['images']} (in {c['problems_with_images']} problems), answers "
+            + ", ".join(f"{k} {v}" for k, v in c["answer_kinds"].items()),
+        ]
+        out += [f"   broken {b}" for b in c["broken"][:10]]
+        if len(c["broken"]) > 10:
+            out.append(f"   ... and {len(c['broken']) - 10} more broken rows")
+        out += [
+            f"   refused by Qwen2-VL's processor (aspect ratio > 200): {w}"
+            for w in c["aspect_ratio_over_200"][:5]
+        ]
+        p = c["prompt"]
+        out += [f"   prompt of {p['uid']} (answer {p['answer']!r}):"]
+        out += ["   | " + line for line in p["text"].splitlines()]
+    for name, err in errors.items():
+        out.append(f"== {TITLES.get(name, name)} ({name}): ERROR {err}")
+    return "\n".join(out) + "\n"

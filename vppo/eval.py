@@ -2,11 +2,22 @@
 
     python -m vppo.eval --model PATH --benchmarks all --data-dir DIR          # avg@8, T=1.0
     python -m vppo.eval --model tiny --benchmarks synth                       # the embedded default
+    python -m vppo.eval --check-data --data-dir DIR --benchmarks all          # the data only, no model
+
+DIR is a PAPO-Eval checkout holding chamber111/VPPO-Eval's `data/` folder (or that `data/` folder),
+or a folder of the benchmarks' own releases as `hf download` names them; `--benchmark-path NAME=PATH`
+gives one release by itself, `--split NAME=SPLIT` picks its split / config / variants (vppo.benchmarks,
+vppo.datasets, docs/data.md). `--check-data` loads and checks the data without a model: per benchmark
+the layout and files found, rows, broken rows and why, images, answer kinds, one prompt; it exits
+non-zero when a requested benchmark is missing or empty.
 
 Per problem, n samples (default 8) at temperature 1.0 (top_p 1.0, top_k 50, 2048 new tokens, as in
-the authors' harness), graded by the training reward's boxed-answer grader; the score of a problem
-is the mean over its samples, a benchmark's avg@n the mean over its problems, reported with the
-standard error over problems; "Avg" is the mean over the paper benchmarks evaluated.
+the authors' harness), graded by the training reward's boxed-answer grader (`--grader project`) or
+exactly as the authors' harness grades (`--grader released`: mathruler's grade_answer on the last
+boxed content, PAPO-Eval's eval_utils.py); the score of a problem is the mean over its samples, a
+benchmark's avg@n the mean over its problems, reported with the standard error over problems; "Avg"
+is the mean over the paper benchmarks evaluated. A row whose image the processor refuses (an aspect
+ratio over 200) is skipped, counted and named, and the evaluation goes on.
 
 The sampling, grading and cache are vppo.evaluate's `evaluate_problems`, which the training loop's
 validation calls too, so both share prompts, sampling and grading; the manifest's hashes and versions
@@ -35,6 +46,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,11 +54,27 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from vppo import bases, spotlight
-from vppo.benchmarks import Benchmark, describe, load_benchmark, resolve_names
-from vppo.data import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_processor, load_prompt_suffix
+from vppo.benchmarks import (
+    Benchmark,
+    check_benchmark,
+    check_report,
+    describe,
+    load_benchmark,
+    resolve_names,
+)
+from vppo.data import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    PROMPT_SUFFIX,
+    BrokenRowWarning,
+    image_token_count,
+    load_processor,
+    load_prompt_suffix,
+)
 from vppo.evaluate import (
     CACHE_VERSION,
     EVAL_GEN,
+    GRADERS,
     ProblemCache,
     SampleFn,
     evaluate_problems,
@@ -109,9 +137,35 @@ def _resolve_model(path: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vppo.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="local model folder, or 'tiny' (bases/tiny)")
-    ap.add_argument("--benchmarks", default="all", help="comma-separated names, or 'all' (the paper's eight)")
-    ap.add_argument("--data-dir", default=None, help="folder with dataset_info.json and/or <name>.parquet")
+    ap.add_argument("--model", default=None, help="local model folder, or 'tiny' (bases/tiny)")
+    ap.add_argument(
+        "--benchmarks", default="all",
+        help="comma-separated names (also the authors' entry names, e.g. "
+        "AI4Math_MathVerse_vision_dependent), or 'all' (the paper's eight)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--data-dir", default=None,
+        help="a PAPO-Eval checkout or its data/ folder (dataset_info.json), and/or the benchmarks' own "
+        "releases in folders named as hf download names them, and/or <name>.parquet",
+    )  # fmt: skip
+    ap.add_argument(
+        "--benchmark-path", action="append", default=[], metavar="NAME=PATH",
+        help="one benchmark's own release (a folder as downloaded, or one file); repeatable",
+    )  # fmt: skip
+    ap.add_argument(
+        "--split", action="append", default=[], metavar="NAME=SPLIT",
+        help="split / config / variants of a benchmark's own release (e.g. mathvision=testmini, "
+        "mmmu_pro=vision, dynamath=1,2); repeatable",
+    )  # fmt: skip
+    ap.add_argument(
+        "--check-data", action="store_true",
+        help="load and check the benchmarks without a model; exit non-zero when one is missing or empty",
+    )  # fmt: skip
+    ap.add_argument(
+        "--grader", choices=GRADERS, default="project",
+        help="project: the training reward's grader; released: exactly the authors' harness "
+        "(mathruler grade_answer on the last boxed content)",
+    )  # fmt: skip
     ap.add_argument("--samples", type=int, default=8, help="samples per problem (avg@n)")
     ap.add_argument("--temperature", type=float, default=EVAL_GEN.temperature)
     ap.add_argument("--top-p", type=float, default=EVAL_GEN.top_p)
@@ -152,6 +206,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "known visual spans",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.model is None and not args.check_data:
+        raise ValueError("--model is required (or --check-data to check the data without one)")
+    args.benchmark_path = _pairs(args.benchmark_path, "--benchmark-path")
+    args.split = _pairs(args.split, "--split")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     for name in ("samples", "batch_size", "max_new_tokens"):
@@ -170,6 +228,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     return args
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def drop_refused_images(bench: Benchmark, processor, strict: bool = False) -> list[str]:
+    """Skip the problems whose images the processor refuses (Qwen2-VL: an aspect ratio over 200),
+    counted as broken rows and named; ValueError when none is left (or, `strict`, at the first)."""
+    refused, keep = [], []
+    for p in bench.problems:
+        try:
+            for w, h in p.image_sizes:
+                image_token_count(processor, w, h)
+            keep.append(p)
+        except ValueError as e:
+            refused.append(f"row {p.meta['row']}: the processor refuses its image ({e})")
+            if strict:
+                raise ValueError(f"benchmark {bench.title}: broken {refused[-1]}") from e
+    if refused:
+        bench.problems = keep
+        bench.broken = sorted(bench.broken + refused, key=lambda b: int(b.split(":")[0].split()[1]))
+        bench.stats.broken += len(refused)
+        print(f"{bench.title}: skipped {len(refused)} row(s) the processor refuses; the first: {refused[0]}")
+        if not keep:
+            raise ValueError(
+                f"benchmark {bench.title}: no problem left; every row's image is refused ({refused[0]})"
+            )
+    return refused
+
+
+def check_data(args, names: list[str]) -> dict:
+    """--check-data: load and check every requested benchmark; no model."""
+    checks, errors = [], {}
+    suffix = args.prompt_suffix if args.prompt_suffix is not None else PROMPT_SUFFIX
+    for n in names:
+        try:
+            with warnings.catch_warnings():  # the broken rows are in the report, with their reasons
+                warnings.simplefilter("ignore", BrokenRowWarning)
+                b = load_benchmark(
+                    n, args.data_dir, strict=False, paths=args.benchmark_path, splits=args.split
+                )
+            checks.append(check_benchmark(b, suffix))
+        except ValueError as e:
+            errors[n] = str(e)
+    report = check_report(checks, errors)
+    print(report, end="")
+    ok = not errors
+    print("data check: " + ("all benchmarks found" if ok else f"{len(errors)} benchmark(s) missing or empty"))
+    return {"check": checks, "errors": errors, "ok": ok, "report": report}
 
 
 def _vllm_sample_fn(args, model_path: str, processor, benches, gen: GenSettings, suffix) -> SampleFn:
@@ -199,8 +313,18 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     """Run the evaluation; returns {"summary", "manifest", "out"} (also written to --out)."""
     args = parse_args(argv)
     names = resolve_names(args.benchmarks)  # unknown names fail before anything loads
+    if args.check_data:
+        return check_data(args, names)
     benches: list[Benchmark] = [
-        load_benchmark(n, args.data_dir, strict=args.strict, limit=args.limit) for n in names
+        load_benchmark(
+            n,
+            args.data_dir,
+            strict=args.strict,
+            limit=args.limit,
+            paths=args.benchmark_path,
+            splits=args.split,
+        )
+        for n in names
     ]
     model_path = _resolve_model(args.model)
     out = Path(args.out or Path("runs") / "eval" / Path(model_path).name)
@@ -210,6 +334,8 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     processor = load_eval_processor(model_path, args.min_pixels, args.max_pixels)
+    for b in benches:  # before any generation: one refused image must not abort the run (issue 26)
+        drop_refused_images(b, processor, strict=args.strict)
     suffix = args.prompt_suffix if args.prompt_suffix is not None else load_prompt_suffix(model_path)
     if sample_fn is None and args.engine == "vllm":
         sample_fn = _vllm_sample_fn(args, model_path, processor, benches, gen, suffix)
@@ -236,7 +362,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         "batch_size": args.batch_size,
         "image_pixels": image_pixels(processor),
         "prompt": prompt_template(processor, benches[0].problems[0], suffix),
-        "grader": grader_version(),
+        "grader": {**grader_version(), "name": args.grader},
         "packages": package_versions(),
         "data": {
             b.name: {
@@ -283,6 +409,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
             cache=cache,
             progress=False if args.no_progress else b.title,
             sample_fn=sample_fn,
+            grader=args.grader,
         )
         summary[b.name] = res.summary()
         if args.math_verify:
@@ -290,7 +417,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         all_samples[b.name] = [{**asdict(r), "score": r.score} for r in res.results]
     mean, se, averaged = _avg(summary)
     label = Path(model_path).name
-    report = markdown_report(summary, label, paper_model(model_path))
+    report = markdown_report(summary, label, paper_model(model_path), grader=args.grader)
     skipped = [f"{b.title}: {b.skipped_in_limit}" for b in benches if b.skipped_in_limit]
     if args.limit is not None and skipped:
         report += f"\n--limit {args.limit}: broken rows skipped to reach it ({', '.join(skipped)}).\n"
@@ -308,6 +435,8 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
 
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
     except ValueError as e:  # bad arguments and missing files: one clear line, no traceback
         sys.exit(f"error: {e}")
+    if result.get("ok") is False:  # --check-data found a requested benchmark missing or empty
+        sys.exit(1)

@@ -6,7 +6,8 @@ prompts, sampling and grading:
     res = evaluate_problems(model, processor, problems, samples=8, gen=EVAL_GEN, seed=0, benchmark="val")
     res.accuracy, res.stderr, res.per_problem       # fractions in [0, 1]
 
-Per problem, n samples are drawn and graded by the training reward's boxed-answer grader (vppo.reward);
+Per problem, n samples are drawn and graded by the training reward's boxed-answer grader (vppo.reward;
+`grader="released"`: exactly the authors' harness, mathruler's grade_answer on the last boxed content);
 the score of a problem is the mean over its samples, the accuracy the mean over problems, with the
 standard error over problems. What makes a number reproducible:
 - every sample draws from its own generator, seeded from (seed, benchmark, problem row, sample): the
@@ -43,6 +44,8 @@ from vppo.tokens import token_ids
 # The authors' evaluation settings (docs/algorithm.md section 6).
 EVAL_GEN = GenSettings(temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=2048)
 CACHE_VERSION = 1
+# "project": vppo.reward's grader (the training reward); "released": PAPO-Eval's eval_utils.py scoring.
+GRADERS = ("project", "released")
 
 # (problems of one batch, per problem its n sample seeds) -> B * n response texts, problem-major.
 SampleFn = Callable[[Sequence[Problem], list[list[int]]], list[str]]
@@ -174,10 +177,19 @@ def vllm_sampler(engine, processor, gen: GenSettings, *, suffix: str | None = PR
 # grading (the training reward's grader)
 
 
-def grade_responses(responses: list[str], answers: list[str]) -> tuple[list[float], list[str | None], dict]:
-    """(scores, extracted answers or None, grader counters) with vppo.reward, the training reward."""
-    scores, stats = reward.grade(responses, answers)
-    extracted = [reward.extract_boxed(reward.collapse_ops(r)) for r in responses]
+def grade_responses(
+    responses: list[str], answers: list[str], grader: str = "project"
+) -> tuple[list[float], list[str | None], dict]:
+    """(scores, extracted answers or None, grader counters) with vppo.reward: the training reward's
+    grader, or (`grader="released"`) the authors' harness scoring."""
+    if grader == "project":
+        scores, stats = reward.grade(responses, answers)
+        extracted = [reward.extract_boxed(reward.collapse_ops(r)) for r in responses]
+    elif grader == "released":
+        scores, stats = reward.default_grader().grade_released(responses, answers)
+        extracted = [reward.extract_boxed_released(r) for r in responses]
+    else:
+        raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
     counters = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
     # Counts add up over batches; ratios (accuracy) do not.
     counters = {k: v for k, v in counters.items() if not k.endswith("accuracy")}
@@ -304,7 +316,10 @@ class ProblemCache:
         results = list(self.done.values())
         if self.grader is not None and first.get("grader") != self.grader and results:
             responses = [s["response"] for r in results for s in r.samples]
-            scores, extracted, _ = grade_responses(responses, [r.answer for r in results for _ in r.samples])
+            name = (self.grader or {}).get("name", "project")
+            scores, extracted, _ = grade_responses(
+                responses, [r.answer for r in results for _ in r.samples], grader=name
+            )
             flat = iter(zip(scores, extracted))
             for r in results:
                 for s in r.samples:
@@ -340,6 +355,7 @@ def evaluate_problems(
     cache: ProblemCache | None = None,
     progress: bool | str = False,
     sample_fn: SampleFn | None = None,
+    grader: str = "project",
 ) -> EvalResult:
     """avg@`samples` of `problems`: generate, grade with the training reward's grader, average.
 
@@ -353,6 +369,7 @@ def evaluate_problems(
         cache: finished problems are skipped and new ones appended (see ProblemCache).
         progress: False, True, or a tqdm description.
         sample_fn: replaces the default sampler (rollout_sampler); tests and custom backends.
+        grader: "project" (the training reward's grader) or "released" (the authors' harness).
     Returns: EvalResult (accuracy and stderr as fractions in [0, 1]).
     """
     if samples < 1:
@@ -361,6 +378,8 @@ def evaluate_problems(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not problems:
         raise ValueError("problems must not be empty")
+    if grader not in GRADERS:
+        raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
     indices = [int(p.meta.get("row", i)) for i, p in enumerate(problems)]
     if len(set(indices)) != len(indices):
         raise ValueError("problems: duplicate row indices (meta['row']); seeds would repeat")
@@ -373,7 +392,7 @@ def evaluate_problems(
     if progress:
         desc = progress if isinstance(progress, str) else benchmark
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem")
-    grader: dict[str, float] = {}
+    counters: dict[str, float] = {}
     try:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b : b + batch_size]
@@ -382,10 +401,10 @@ def evaluate_problems(
             if len(texts) != len(chunk) * samples:
                 raise ValueError(f"sample_fn returned {len(texts)} responses for {len(chunk)} x {samples}")
             answers = [p.answer for _, p in chunk for _ in range(samples)]
-            scores, extracted, stats = grade_responses(texts, answers)
+            scores, extracted, stats = grade_responses(texts, answers, grader)
             for k, v in stats.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    grader[k] = grader.get(k, 0) + v
+                    counters[k] = counters.get(k, 0) + v
             for j, ((i, p), s) in enumerate(zip(chunk, seeds)):
                 rows = range(j * samples, (j + 1) * samples)
                 res = ProblemResult(
@@ -410,4 +429,4 @@ def evaluate_problems(
     no_box = sum(not (s["extracted"] or "").strip() for r in results for s in r.samples) / (
         len(results) * samples
     )
-    return EvalResult(acc, se, per_problem, results, samples, no_box, grader, len(todo))
+    return EvalResult(acc, se, per_problem, results, samples, no_box, counters, len(todo))

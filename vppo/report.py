@@ -31,9 +31,19 @@ def _avg(summary: dict[str, dict]) -> tuple[float, float, list[str]]:
     return mean, se, names
 
 
-def markdown_report(summary: dict[str, dict], model_label: str, paper: str | None) -> str:
-    """The results table (avg@n in %, ± standard error), the paper's rows when they apply, and a
-    per-benchmark detail table."""
+GRADER_LINES = {
+    "project": "Graded by the project's grader (vppo.reward: mathruler behind the training reward's "
+    "normalisation; it credits a few answer forms the authors' harness does not, e.g. `B. 2` for B).",
+    "released": "Graded exactly as the authors' harness (PAPO-Eval eval_utils.py: mathruler "
+    "grade_answer on the last boxed content), --grader released.",
+}
+
+
+def markdown_report(
+    summary: dict[str, dict], model_label: str, paper: str | None, grader: str | None = None
+) -> str:
+    """The results table (avg@n in %, ± standard error), the paper's rows when they apply, which
+    grader graded, and a per-benchmark detail table."""
     order = [k for k in TITLES if k in summary] + [k for k in summary if k not in TITLES]
     n = next(iter(summary.values()))["samples"]
     mean, se, averaged = _avg(summary)
@@ -59,6 +69,8 @@ def markdown_report(summary: dict[str, dict], model_label: str, paper: str | Non
             "",
             f"Avg is over the {len(averaged)} paper benchmarks evaluated here (the paper averages all 8).",
         ]
+    if grader is not None:
+        lines += ["", GRADER_LINES[grader]]
     lines += [
         "",
         "| benchmark | problems | n | avg@n (%) | s.e. (%) | no \\boxed (%) | grader failures | generated |",

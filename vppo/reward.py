@@ -42,6 +42,13 @@ ground truth needs an answer written as an integer (`2^{10}`, `\\log_2 8` agains
 here than leniency). math-verify is more lenient on exactly these, and stricter on answer forms
 (`B: 12`, `5 dollars`, `30°`) and on several boxes (it does not always take the last one).
 
+`Grader.grade_released(...)` scores exactly as the authors' harness does (xhguo7/PAPO-Eval
+`papo_eval/eval_utils.py`): whitespace around `< > /` collapsed, mathruler's
+`extract_boxed_content` (the last `\\boxed{`, braces balanced; the string "None" when there is
+none), mathruler's `grade_answer` against the label as stored; none of the normalisation above. It
+runs in the same worker pool, so a sympy hang costs one timeout (scored 0, counted) where the
+authors' loop would wait.
+
 `agreement(...)` grades the same pairs with math-verify (optional extra) in the same pool and
 reports how often the two agree, for the evaluation report.
 """
@@ -167,6 +174,15 @@ def normalize_pair(pred: str, gt: str) -> tuple[str, str]:
     return pred, gt
 
 
+def extract_boxed_released(text: str) -> str | None:
+    """What the authors' harness grades: mathruler's extract_boxed_content of the response with the
+    whitespace around `< > /` collapsed; None where it finds no box (its "None" sentinel)."""
+    from mathruler.grader import extract_boxed_content  # sympy: ~1 s, on first use only
+
+    content = extract_boxed_content(collapse_ops(text))
+    return None if content == "None" else content
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker processes (a fresh interpreter each: no torch, no CUDA, no inherited threads).
 
@@ -189,7 +205,7 @@ def _worker_main() -> None:
             pass
         if os.getppid() != int(os.environ.get("VPPO_GRADER_PARENT", os.getppid())):
             return  # the parent died before prctl took effect
-    from mathruler.grader import grade_answer  # in the worker only: sympy, ~0.3 s
+    from mathruler.grader import extract_boxed_content, grade_answer  # in the worker only: sympy, ~0.3 s
 
     out = sys.stdout
     out.write("ready\n")
@@ -200,6 +216,8 @@ def _worker_main() -> None:
         try:
             if kind == "ruler":
                 score = float(grade_answer(a, b))
+            elif kind == "released":  # PAPO-Eval eval_utils.compute_accuracy_boxed_math, exactly
+                score = float(grade_answer(extract_boxed_content(collapse_ops(a)), b))
             elif kind == "verify":
                 score = float(_math_verify(a, b))
             else:
@@ -374,6 +392,30 @@ class Grader:
                 stats.n,
                 stats.examples[:3],
             )
+        return scores, stats
+
+    def grade_released(self, responses: list[str], answers: list[str]) -> tuple[list[float], GradeStats]:
+        """Score each response exactly as the authors' harness does (module docstring), with this
+        pool's time limit. -> (scores [N], GradeStats); `no_box` counts responses without a box."""
+        if len(responses) != len(answers):
+            raise ValueError(f"responses ({len(responses)}) and answers ({len(answers)}) differ in length")
+        t0 = time.perf_counter()
+        stats = GradeStats(n=len(responses))
+        scores = [0.0] * len(responses)
+        for i, (resp, gt) in enumerate(zip(responses, answers)):
+            if not isinstance(resp, str) or not isinstance(gt, str):
+                raise ValueError(f"responses[{i}] and answers[{i}] must be str")
+        # The authors grade every response, boxed or not (mathruler gets "None"); so does this.
+        stats.no_box = sum("\\boxed{" not in collapse_ops(r) for r in responses)
+        self._run(
+            [(i, "released", r, gt) for i, (r, gt) in enumerate(zip(responses, answers))], scores, stats
+        )
+        stats.correct = int(sum(s > 0 for s in scores))
+        stats.seconds = time.perf_counter() - t0
+        self.totals.add(stats)
+        if stats.failures:
+            log.warning("grader (released): %d timeouts, %d errors, %d crashes in %d samples (scored 0)",
+                        stats.timeouts, stats.errors, stats.crashes, stats.n)  # fmt: skip
         return scores, stats
 
     def grade_math_verify(self, responses: list[str], answers: list[str]) -> tuple[list[float], GradeStats]:

@@ -1,0 +1,49 @@
+"""LogicVista as released by its authors (lscpku/LogicVista on the Hub, Yijia-Xiao/LogicVista on GitHub).
+
+Schema (the release as public loaders read it; the published card does not spell the keys out):
+`dataset.json`, a JSON object keyed by question id whose values hold `imagename` (a file under
+`images/`), `question` (the choices are written inside the text)
+and `answer` (one or more capital letters, e.g. `A` or `A, C`), plus `reasoning`, `skill` and other
+meta; the images in `images/`. A row becomes `<image>` + question; the answer as stored. 448
+problems, all of them (the benchmark has one split).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vppo.datasets import (
+    RawRows,
+    broken_row,
+    image_value,
+    read_table,
+    require_columns,
+    text_of,
+    with_image,
+)
+
+KEY = "logicvista"
+SOURCE = "lscpku/LogicVista"
+FOLDER = "LogicVista"
+SCHEMA = "LogicVista release: dataset.json keyed by id with imagename, question, answer; images/"
+DEFAULT_SPLIT = "all"
+
+
+def read(path: Path, split: str | None = None) -> RawRows:
+    f = path if path.is_file() else path / "dataset.json"
+    if not f.is_file():
+        found = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else []
+        raise ValueError(f"{path}: no dataset.json (the LogicVista release; folder holds {found})")
+    recs = read_table(f)
+    require_columns(recs, ("imagename", "question", "answer"), f, SCHEMA)
+    rows, broken = [], {}
+    for i, rec in enumerate(recs):
+        try:
+            text = with_image(text_of(rec, "question"))
+            image = image_value(rec["imagename"], [f.parent / "images", f.parent])
+        except (ValueError, FileNotFoundError) as e:
+            rows.append(broken_row(i, str(e), broken))
+            continue
+        meta = {k: v for k, v in rec.items() if k not in ("imagename", "question", "answer")}
+        rows.append({**meta, "problem": text, "answer": rec["answer"], "images": [image], "row": i})
+    return RawRows(rows, [f], {"source": SOURCE, "split": DEFAULT_SPLIT, "schema": SCHEMA}, broken)
