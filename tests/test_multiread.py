@@ -24,7 +24,7 @@ def test_spans_in_a_policy_response_and_a_broken_one():
     spans = synth.visual_spans("bars_sum", text)
     assert [text[a:b] for a, b in spans] == ["red", "3", "blue", "22"]
     assert synth.visual_spans("bars_sum", "no format at all") is None
-    assert synth.visual_spans("count_colours", "<think> . 2 </think>") is None
+    assert synth.visual_spans("count_most", "<think> . 2 </think>") is None
 
 
 def test_answers_follow_from_the_read_values():
@@ -35,10 +35,11 @@ def test_answers_follow_from_the_read_values():
         words = [w for w in read if not w.isdigit()]
         if r["task"] == "bars_sum":
             want = sum(nums)
-        elif r["task"] == "count_colours":
-            want = nums[0] * nums[1]
+        elif r["task"] == "bars_max":
+            want = max(nums)
         else:
-            want = sum(len(w) for w in words)
+            want = words[nums.index(max(nums))]
+        assert len(set(nums)) == len(nums) or r["task"] == "bars_sum"  # one greatest
         assert r["answer"] == str(want) and r["response"].endswith(f"\\boxed{{{want}}}")
 
 

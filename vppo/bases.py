@@ -34,7 +34,7 @@ BASES_DIR = REPO_ROOT / "bases"
 SUMS = "SHA256SUMS"
 SHIP_INFO = "shipped.json"  # what was shipped from where: the synthetic set's hashes, the source folder
 # data.synth (the task family) -> the shipped base's folder under bases/
-SHIPPED = {"default": "tiny", "spotlight": "spotlight"}
+SHIPPED = {"default": "tiny", "spotlight": "spotlight", "multiread": "multiread"}
 
 
 class BaseError(ValueError):

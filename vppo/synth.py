@@ -16,10 +16,9 @@ The spotlight family (`--variant spotlight`, `data.synth=spotlight`; not part of
 - colour_letters: the colour of one shape (red / blue / green / yellow), answered as its letter count;
 - bars_height:    the height of one bar in grid units (one 14-pixel patch row each), doubled.
 The multiread family (`--variant multiread`, `data.synth=multiread`): each response reads several
-values off the image, about a quarter of its tokens (bars_sum: colour and height of every bar, summed;
-count_colours: two colours and their counts, multiplied; colour_letters_sum: the colours of 2-3
-shapes, their letter counts summed); every word and number of the reading segment before the first
-" . " is visual.
+values off the image, about a fifth of its tokens (bars_sum: colour and height of every bar, summed;
+bars_max: the same, the greatest height; count_most: each colour and its count, the colour with the
+most shapes); every word and number of the reading segment before the first " . " is visual.
 Each spotlight reference response reads one value off the image and then computes in text ("there are 4 red
 shapes . 4 + 3 = 7"); only the first occurrence of the value depends on the image, and its character
 span is recorded as `visual_spans` (JSON [[start, end]]); `visual_spans(task, text)` finds it in any
@@ -291,9 +290,9 @@ def _bars_height_task(rng, size):
     return img, question, str(2 * h), response, [(len(head), len(head) + len(str(h)))]
 
 
-# The multiread family: each response reads several values off the image (colours and heights, colours
-# and counts, or colours), then computes; about a quarter of its tokens depend on the image, where the
-# spotlight family has one such token a response. Shapes and bars are listed in the reading segment
+# The multiread family: each response reads several values off the image (the colour and height of each
+# bar, or each colour and its count), then computes; about a fifth of its tokens depend on the image,
+# where the spotlight family has one such token a response. Shapes and bars are listed in the reading segment
 # `<think> <read> . <compute> </think>`; every word and number of <read> was read off the image.
 def _bars_sum_task(rng, size):
     k = int(rng.integers(2, 4))
@@ -315,40 +314,43 @@ def _bars_sum_task(rng, size):
     return img, question, str(total), response
 
 
-def _count_colours_task(rng, size):
-    names = sorted(str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
-    counts = [int(c) for c in rng.integers(1, 4, size=2)]
+def _bars_max_task(rng, size):
+    k = int(rng.integers(2, 4))
+    names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
+    heights = [int(h) for h in rng.choice(np.arange(1, 6), size=k, replace=False)]  # one tallest
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    bottom = size - 4
+    for u in range(1, 6):
+        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
+    width = (size - 8) // k
+    for i, (name, h) in enumerate(zip(names, heights)):
+        x0 = 4 + i * width
+        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    read = " , ".join(f"{n} {h}" for n, h in zip(names, heights))
+    top = max(heights)
+    question = "How many grid units tall is the tallest bar?"
+    response = f"<think> {read} . {top} </think> \\boxed{{{top}}}"
+    return img, question, str(top), response
+
+
+def _count_most_task(rng, size):
+    k = int(rng.integers(2, 4))
+    names = sorted(str(c) for c in rng.choice(list(COLOURS), size=k, replace=False))
+    counts = [int(c) for c in rng.choice(np.arange(1, 4), size=k, replace=False)]  # one most
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     cell = size // 3
-    colours = [names[0]] * counts[0] + [names[1]] * counts[1]
+    colours = [n for n, c in zip(names, counts) for _ in range(c)]
     for (x, y), c in zip(_cells(rng, size, len(colours), cell), colours):
         s = int(rng.integers(cell // 2, cell - 4))
         dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
         _shape(draw, str(rng.choice(KINDS)), (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[c])
-    product = counts[0] * counts[1]
-    question = "Count the shapes of each of the two colours, then multiply the two counts."
-    read = f"{names[0]} {counts[0]} , {names[1]} {counts[1]}"
-    response = f"<think> {read} . {counts[0]} * {counts[1]} = {product} </think> \\boxed{{{product}}}"
-    return img, question, str(product), response
-
-
-def _colour_letters_sum_task(rng, size):
-    n = int(rng.integers(2, 4))
-    kinds = [str(k) for k in rng.choice(KINDS, size=n, replace=False)]
-    names = [str(c) for c in rng.choice(LETTER_COLOURS, size=n, replace=False)]
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    cell = size // 2
-    for (x, y), kind, name in zip(_cells(rng, size, n, cell), kinds, names):
-        s = int(rng.integers(cell // 2, cell - 3))
-        dx, dy = (int(v) for v in rng.integers(1, cell - s, size=2))
-        _shape(draw, kind, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[name])
-    total = sum(len(c) for c in names)
-    question = "Add up the numbers of letters of the colours of all the shapes."
-    sums = " + ".join(str(len(c)) for c in names)
-    response = f"<think> {' , '.join(names)} . {sums} = {total} </think> \\boxed{{{total}}}"
-    return img, question, str(total), response
+    answer = names[counts.index(max(counts))]
+    question = "Which colour has the most shapes?"
+    read = " , ".join(f"{n} {c}" for n, c in zip(names, counts))
+    response = f"<think> {read} . {answer} </think> \\boxed{{{answer}}}"
+    return img, question, answer, response
 
 
 MAKERS = {
@@ -361,11 +363,11 @@ MAKERS = {
     "colour_letters": _colour_letters_task,
     "bars_height": _bars_height_task,
     "bars_sum": _bars_sum_task,
-    "count_colours": _count_colours_task,
-    "colour_letters_sum": _colour_letters_sum_task,
+    "bars_max": _bars_max_task,
+    "count_most": _count_most_task,
 }
 SPOTLIGHT_TASKS = ("count_add", "colour_letters", "bars_height")
-MULTIREAD_TASKS = ("bars_sum", "count_colours", "colour_letters_sum")
+MULTIREAD_TASKS = ("bars_sum", "bars_max", "count_most")
 READ_SEGMENT = re.compile(r"<think> (.+?) \. ")  # the multiread tasks' reading segment (group 1)
 # How a response written in the reference format shows the value read off the image (group 1): finds
 # the ground-truth visual span in the policy's own responses, which need not match the reference.
