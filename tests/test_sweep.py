@@ -259,6 +259,8 @@ def test_testbeds_plan_the_issue_seeds():
     tb = sweep.TESTBEDS["spotlight"]
     assert {a for a, s in tb.seeds.items() if s == (1, 2, 3, 4, 5)} == set(sweep.KEY_ARMS)
     assert {a for a, s in tb.seeds.items() if s == (1, 2, 3)} == set(sweep.ARMS) - set(sweep.KEY_ARMS)
+    m = sweep.TESTBEDS["multiread"]
+    assert set(m.arms) == set(sweep.KEY_ARMS) and m.results != tb.results and m.spotlight
     d = sweep.TESTBEDS["default"]
     assert load_config(None, d.arms["vppo"]) == Config()
     sw = sweep.Sweep(Path("o"), Path("r"), d.budget, testbed=d)
