@@ -68,7 +68,12 @@ class ModelConfig:
 class DataConfig:
     train: str | None = _f(None, "parquet file/folder, save_to_disk folder or dataset name; null = synthetic")
     val: str | None = _f(None, "validation source (same forms); null = synthetic val split")
-    image_dir: str | None = _f(None, "folder that relative image paths are resolved against")
+    image_dir: str | None = _f(None, "folder of relative image paths (and of .zip archives holding them)")
+    format: Literal["auto", "vppo", "virl39k", "columns"] = _f(
+        "auto", "source schema (docs/training-data.md): vppo (problem/answer/images: chamber111's sets), "
+        "virl39k (TIGER-Lab's 39Krelease.parquet + images.zip), columns (the three keys below), auto "
+        "(the keys below when they are columns, else the one preset that fits; for train and val each)"
+    )  # fmt: skip
     problem_key: str = _f("problem", "column with the problem text (with <image> placeholders)")
     answer_key: str = _f("answer", "column with the ground-truth answer")
     image_key: str = _f("images", "column with the images")
@@ -659,6 +664,8 @@ def check_sources(cfg: Config) -> None:
       `data/ViRL39K` of configs/vppo_7b.yaml, with no such folder here and no such cached dataset,
       is an error here rather than a traceback from the loader.
     - data.val is checked only when run.val_every > 0 (otherwise the run never loads it).
+    - a local parquet source's columns (its schema, no rows) must fit data.format: a preset's
+      columns, or for `auto` the keys or exactly one preset (vppo.data.resolve_format).
     - data.image_dir, when set, must be an existing folder.
     - model.path: an existing folder must hold config.json; a missing path-like value is an error;
       any other value must be a hub id (`name` or `org/name`) that is in the local Hugging Face
@@ -683,6 +690,18 @@ def check_sources(cfg: Config) -> None:
             )
         elif _looks_local(value):
             _check(False, key, f"does not exist (no such file or folder from {Path.cwd()})", value)
+        if p.exists():  # its columns fit data.format (read from the parquet schema, no rows)
+            from vppo.data import resolve_format, source_columns  # torch, PIL: only with local data
+
+            try:
+                cols = source_columns(p, "train" if key == "data.train" else "val")
+                if cols is not None:
+                    resolve_format(
+                        cols, d.format, problem_key=d.problem_key, answer_key=d.answer_key,
+                        image_key=d.image_key, name=str(value),
+                    )  # fmt: skip
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{key}={value!r}: {e}") from e
         else:
             name = value.partition("@")[0]
             _check(
