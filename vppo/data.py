@@ -87,7 +87,7 @@ VISION_SPECIAL_TOKENS = (
 )
 ID_KEYS = ("id", "qid", "uid", "pid")
 SPLIT_NAMES = ("train", "validation", "val", "test", "dev")
-HELD_OUT_SPLITS = ("validation", "val", "test", "dev")
+HELD_OUT_SPLITS = ("validation", "val", "dev")  # not test: a benchmark without one is an error
 FORMATS = ("auto", "vppo", "virl39k", "columns")  # data.format
 
 
@@ -575,6 +575,22 @@ def _pick_split(found: list[str], split: str, where: str) -> str:
     raise ValueError(f"split {split!r} not found in {where} (splits there: {found})")
 
 
+def _hub_snapshot(name: str) -> Path | None:
+    """The newest snapshot folder of dataset repo `name` in the hub file cache when it holds parquet
+    files (what `hf download` leaves; `datasets` itself reads those offline only after an online
+    load_dataset has filled its own cache), else None."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        path = Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return path if next(path.rglob("*.parquet"), None) is not None else None
+
+
 def _arrow_batches(
     source: Any, split: str | None, allow_download: bool, files: list[str] | None = None
 ) -> tuple[Iterator[list[dict]], str]:
@@ -624,6 +640,9 @@ def _arrow_batches(
     # A hub dataset name, optionally `name@split` as in EasyR1 configs.
     name, _, at_split = text.partition("@")
     split = at_split or split or "train"
+    snapshot = _hub_snapshot(name)
+    if snapshot is not None:  # `hf download <name> --repo-type dataset` put its files in the hub cache
+        return from_parquet(_split_files(snapshot, split)), f"{name}@{split}"
     import datasets  # heavy: ~0.4 s, hub sources only
 
     try:
@@ -711,9 +730,14 @@ def resolve_format(
 
 
 def source_columns(source: str | os.PathLike, split: str | None = "train") -> list[str] | None:
-    """The column names of a local parquet source (its schema only, no rows), or None when that
-    cannot be told without loading it (a save_to_disk folder, a hub name, a missing path)."""
+    """The column names of a parquet source, local or in the hub file cache (its schema only, no
+    rows), or None when that cannot be told without loading it (a save_to_disk folder, a hub name
+    only `datasets` has cached, a missing path)."""
     path = Path(source).expanduser()
+    if not path.exists() and not str(source).startswith((".", "/", "~")):
+        name, _, at_split = str(source).partition("@")
+        path = _hub_snapshot(name) or path
+        split = at_split or split
     if path.is_file() and path.suffix == ".parquet":
         return pq.read_schema(path).names
     if path.is_dir() and not (path / "dataset_dict.json").exists() and not (path / "state.json").exists():
@@ -830,9 +854,12 @@ def load_problems(
         raise ValueError(f"limit must be positive, got {limit}")
     stats, problems = LoadStats(), []
     batches, name = _arrow_batches(source, split, allow_download, stats.files)
-    if image_dir is None and isinstance(source, (str, os.PathLike)) and Path(source).exists():
-        p = Path(source).expanduser().resolve()
-        image_dir = p if p.is_dir() else p.parent
+    if image_dir is None and isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        if p.exists():
+            image_dir = p.resolve() if p.is_dir() else p.resolve().parent
+        else:  # a hub name: its snapshot folder, when the hub cache holds one
+            image_dir = _hub_snapshot(str(source).partition("@")[0])
     image_dir = Path(image_dir) if image_dir is not None else None
 
     fmt = None
