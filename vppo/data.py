@@ -224,7 +224,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in _MODES_16 or img.mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))  # a float image may hold NaN / inf
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if img.mode in _MODES_16 or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
             a = a * (255.0 / 65535.0)
