@@ -33,7 +33,8 @@ def empty_hf(tmp_path, monkeypatch):
 
 def _parquet(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist([{"problem": "q", "answer": "1"}]), path)
+    # the vppo schema's columns (check_sources reads the schema: data.format)
+    pq.write_table(pa.Table.from_pylist([{"problem": "q", "answer": "1", "images": []}]), path)
     return path
 
 
@@ -84,8 +85,8 @@ def test_defaults_and_the_shipped_configs_load_without_their_data(empty_hf, tmp_
     check_sources(Config())  # None everywhere: the tiny base and the synthetic set, filled in later
     # sources are not part of load_config / validate: a config stays loadable without its data
     c = load_config(CONFIG_DIR / "vppo_7b.yaml", ["data.val=/x/y.parquet"])
-    assert c.data.train == "data/ViRL39K"
-    _fails(c, "data.train", "data/ViRL39K", "nor a dataset in the local Hugging Face cache")
+    assert c.data.train == "chamber111/VPPO_ViRL39K_train"
+    _fails(c, "data.train", "chamber111/VPPO_ViRL39K_train", "nor a dataset in the local Hugging Face cache")
 
 
 def test_local_data_sources_must_exist_and_be_loadable(empty_hf, tmp_path, monkeypatch):

@@ -207,7 +207,7 @@ BROKEN = {
     "answer_empty": ({"answer": "  "}, "missing or empty 'answer'"),
     "problem_none": ({"problem": None}, "missing or empty 'problem'"),
     "bad_bytes": ({"images": [{"bytes": b"not an image", "path": None}]}, "image 0 does not decode"),
-    "missing_file": ({"images": ["no/such/file.png"]}, "image 0 does not decode"),
+    "missing_file": ({"images": ["no/such/file.png"]}, "image 0: 'no/such/file.png' not found: no file "),
     "truncated_png": ({"images": [{"bytes": _png(_array(3))[:60], "path": None}]}, "image 0 does not decode"),
     "extra_placeholder": ({"problem": "<image><image> Q"}, "2 <image> placeholders but 1 images"),
     "missing_placeholder": ({"problem": "Q"}, "0 <image> placeholders but 1 images"),

@@ -73,7 +73,12 @@ class ModelConfig:
 class DataConfig:
     train: str | None = _f(None, "parquet file/folder, save_to_disk folder or dataset name; null = synthetic")
     val: str | None = _f(None, "validation source (same forms); null = synthetic val split")
-    image_dir: str | None = _f(None, "folder that relative image paths are resolved against")
+    image_dir: str | None = _f(None, "folder of relative image paths (and of .zip archives holding them)")
+    format: Literal["auto", "vppo", "virl39k", "columns"] = _f(
+        "auto", "source schema (docs/training-data.md): vppo (problem/answer/images: chamber111's sets), "
+        "virl39k (TIGER-Lab's 39Krelease.parquet + images.zip), columns (the three keys below), auto "
+        "(the keys below when they are columns, else the one preset that fits; for train and val each)"
+    )  # fmt: skip
     problem_key: str = _f("problem", "column with the problem text (with <image> placeholders)")
     answer_key: str = _f("answer", "column with the ground-truth answer")
     image_key: str = _f("images", "column with the images")
@@ -650,8 +655,8 @@ def check_sources(cfg: Config) -> None:
     The training command line (config_from_args) runs this right after validate(), before any model
     or data loads. It is not part of validate() / load_config(): a config file describes a run and
     stays loadable, printable and testable on a machine that lacks its data (configs/vppo_7b.yaml
-    names data/ViRL39K and Qwen/Qwen2.5-VL-7B-Instruct). Paths are taken relative to the current
-    directory, as the loaders take them. The rules:
+    names chamber111/VPPO_ViRL39K_train and Qwen/Qwen2.5-VL-7B-Instruct). Paths are taken relative
+    to the current directory, as the loaders take them. The rules:
 
     - None passes: the tiny base / the synthetic set, filled in by the training loop.
     - data.train / data.val: an existing file must be a .parquet file; an existing folder must hold
@@ -661,9 +666,12 @@ def check_sources(cfg: Config) -> None:
       optionally `@split`): the loader reads those from the local Hugging Face cache only, so the
       name must be well-formed and a folder for it must be in the hub cache or in datasets' cache
       (a permissive test; the loader still names a cached-looking one it cannot read). So
-      `data/ViRL39K` of configs/vppo_7b.yaml, with no such folder here and no such cached dataset,
-      is an error here rather than a traceback from the loader.
+      `chamber111/VPPO_ViRL39K_train` of configs/vppo_7b.yaml, with no such folder here and no such
+      cached dataset, is an error here rather than a traceback from the loader.
     - data.val is checked only when run.val_every > 0 (otherwise the run never loads it).
+    - a parquet source's columns (its schema, no rows; local, or a snapshot in the hub file cache)
+      must fit data.format: a preset's columns, or for `auto` the keys or exactly one preset
+      (vppo.data.resolve_format).
     - data.image_dir, when set, must be an existing folder.
     - model.path: an existing folder must hold config.json; a missing path-like value is an error;
       any other value must be a hub id (`name` or `org/name`) that is in the local Hugging Face
@@ -697,6 +705,18 @@ def check_sources(cfg: Config) -> None:
                 "cache (nothing is downloaded)",
                 value,
             )
+        # its columns fit data.format (read from a parquet schema, local or in the hub file cache)
+        from vppo.data import resolve_format, source_columns  # torch, PIL: only with real data
+
+        try:
+            cols = source_columns(value, "train" if key == "data.train" else "val")
+            if cols is not None:
+                resolve_format(
+                    cols, d.format, problem_key=d.problem_key, answer_key=d.answer_key,
+                    image_key=d.image_key, name=str(value),
+                )  # fmt: skip
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{key}={value!r}: {e}") from e
     if d.image_dir is not None:
         _check(
             Path(d.image_dir).expanduser().is_dir(),

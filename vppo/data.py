@@ -1,24 +1,45 @@
-"""Problems in the VPPO training schema, their prompts, and the processor inputs built from them.
+"""Problems from training sources, their prompts, and the processor inputs built from them.
 
-The schema (ViRL39K as converted for EasyR1 / VPPO): a `problem` text with one `<image>` placeholder
-per image, an `answer`, and `images` (a list of {"bytes", "path"} structs, paths, or PIL images).
-Keys are configurable. One API serves the training loop and the evaluation:
+A source is a table of rows; a row becomes a Problem (a text with one `<image>` placeholder per image,
+a ground-truth answer, the images). Which columns hold what is the source's format (`format=`,
+data.format), one module per published schema in vppo/datasets/:
+
+    vppo     `problem`, `answer`, `images`: the released recipe's sets (chamber111/VPPO_ViRL39K_train,
+             chamber111/VPPO_MMK12_validation), PAPO's, the project's own (vppo.datasets.vppo_release)
+    virl39k  `question`, `answer` (boxed), `image` paths into `images.zip`, `qid`: TIGER-Lab's raw
+             release (vppo.datasets.virl39k)
+    columns  the keys given (`problem_key`, `answer_key`, `image_key`)
+    auto     the keys given when they are all columns of the source (the defaults are vppo's), else
+             the one preset whose columns are there; otherwise an error listing the presets and the
+             columns found (docs/training-data.md)
+
+One API serves the training loop and the evaluation:
 
     problems = load_problems("data/virl39k.parquet", processor=processor, max_prompt_length=4096)
     batch = encode_prompts(problems[:8], processor)     # left-padded, ready for generate()
     suppress = vision_token_ids(processor)              # keep these out of sampling
 
-Sources: a parquet file or a folder of them, a `datasets.save_to_disk` folder, a hub dataset name
-(`name` or `name@split`, read from the local cache only unless `allow_download=True`), or an
-in-memory list of row dicts. A broken row (missing problem or answer, an image that does not decode,
-placeholders that do not match the images, an image the processor refuses when prompt lengths are
-checked) is skipped and counted, with one warning per load naming
-the first one; `strict=True` raises instead.
+Sources: a parquet file or a folder of them, a `datasets.save_to_disk` folder, a hub name (`name` or
+`name@split`, read from the local cache only unless `allow_download=True`), or an in-memory list of
+row dicts. Images are encoded bytes, {"bytes", "path"} structs, decoded images, or paths relative
+to the source's folder, read from the file there or, failing that, straight from a `.zip` archive in
+that folder (ViRL39K's `images.zip`, never extracted). A validation split asked of a folder or hub
+set whose only split is `train` reads that split, with a note in the log (the released trainer
+loads chamber111/VPPO_MMK12_validation as `split="train"`). An answer that is one whole
+`\\boxed{...}` is unwrapped (ViRL39K writes every answer so; the grader wants the bare answer).
+
+A broken row (missing problem or answer, an image that is missing or does not decode, placeholders
+that do not match the images, an image the processor refuses when prompt lengths are checked) is
+skipped and counted, with one warning per load naming the first one and `stats.broken_rows` naming
+each; `strict=True` raises instead. A source whose every image fails is an error, not a warning:
+training would go on with a whole modality lost. `python -m vppo.data check SOURCE` reports all of
+this without a model.
 
 The prompt follows the released recipe (docs/algorithm.md section 5): the problem text, trimmed, then a blank
 line and PROMPT_SUFFIX (the `math_perception` format prompt of the EasyR1 / PAPO code VPPO builds on),
-split at the placeholders into the Qwen2.5-VL chat content list. The chat template adds its default
-system message, as in the released training code.
+split at the placeholders into the Qwen2.5-VL chat content list. A problem text that already ends
+with the suffix (up to spacing) has it cut first, so the instruction is not given twice. The chat
+template adds its default system message, as in the released training code.
 """
 
 from __future__ import annotations
@@ -28,12 +49,17 @@ import io
 import json
 import logging
 import os
+import re
+import sys
+import threading
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -61,8 +87,43 @@ VISION_SPECIAL_TOKENS = (
 )
 ID_KEYS = ("id", "qid", "uid", "pid")
 SPLIT_NAMES = ("train", "validation", "val", "test", "dev")
+HELD_OUT_SPLITS = ("validation", "val", "dev")  # not test: a benchmark without one is an error
+FORMATS = ("auto", "vppo", "virl39k", "columns")  # data.format
 
-ImageSource = Image.Image | bytes | str
+
+@dataclass(frozen=True)
+class ZipMember:
+    """An image stored in a zip archive, read on use (the archive is never extracted)."""
+
+    archive: str  # absolute path of the .zip
+    name: str  # the member's name inside it
+
+    def read(self) -> bytes:
+        zf, lock = _open_zip(self.archive)
+        with lock:  # one ZipFile shares one file position
+            return zf.read(self.name)
+
+
+ImageSource = Image.Image | bytes | str | ZipMember
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """Which columns of a source hold the problem text, the answer, the images and the row id.
+
+    One per published schema, each in its own module of vppo/datasets/ that cites the schema.
+    """
+
+    name: str
+    problem_key: str
+    answer_key: str
+    image_key: str | None  # None: a text-only set
+    id_key: str | None  # None: the first of ID_KEYS present
+    schema: str  # the published schema it reads (dataset / file), for messages and `check`
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(k for k in (self.problem_key, self.answer_key, self.image_key) if k)
 
 
 class BrokenRowWarning(UserWarning):
@@ -97,6 +158,12 @@ class LoadStats:
     non_string_answers: int = 0  # kept rows whose answer was not a string (converted, see _answer_text)
     first_broken: str | None = None  # the message naming the first broken row
     first_non_string: str | None = None  # the first such row and its answer
+    broken_rows: list[str] = field(default_factory=list)  # every broken row and why
+    image_rows: int = 0  # rows that name at least one image
+    image_failures: int = 0  # of those, rows broken by an image (missing, undecodable)
+    boxed_answers: int = 0  # kept rows whose answer was one whole \\boxed{...} (unwrapped)
+    format: str | None = None  # the SourceFormat.name the rows were read with
+    files: list[str] = field(default_factory=list)  # the files read (parquet, arrow folders)
 
 
 @dataclass
@@ -123,22 +190,117 @@ class ProblemSet(Sequence):
 def open_image(
     src: ImageSource | dict | os.PathLike, image_dir: str | os.PathLike | None = None
 ) -> Image.Image:
-    """Decode one image source to an RGB PIL image.
+    """Decode one image source to an 8-bit RGB PIL image (to_rgb).
 
-    `src`: a PIL image, encoded bytes, a path (relative paths are taken from `image_dir`), or a
-    {"bytes", "path"} dict as written by `datasets` (bytes win when both are set).
+    `src`: a PIL image, encoded bytes, a path (relative paths are taken from `image_dir`, then from a
+    zip archive there), a ZipMember, or a {"bytes", "path"} dict as written by `datasets` (bytes win
+    when both are set).
     """
     if isinstance(src, Image.Image):
         img = src
     else:
         src = _image_source(src, image_dir)
-        img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        img = Image.open(_readable(src))
         img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
+
+
+# Pillow's 16-bit greyscale modes: `.convert("RGB")` clips them at 255 (an all-white image).
+_MODES_16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB, keeping what a viewer would show.
+
+    - 16-bit greyscale (I;16*): scaled by 255 / 65535. 32-bit integer (I, also how older Pillow
+      opens a 16-bit PNG): kept when its values fit 0..255, scaled from 0..65535 when they fit that,
+      else stretched from its min..max. Float (F): 0..1 scaled to 0..255, 0..255 kept, else stretched.
+    - transparency (RGBA, LA, PA, P or L/RGB with a transparent colour): composited on white, as a
+      viewer shows it; dropping the alpha, as `.convert("RGB")` does, turns the common diagram drawn
+      in black on a transparent ground into an all-black image. The released trainer converts
+      without compositing (a departure; no effect on opaque images).
+    - CMYK and the rest: Pillow's own conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _MODES_16 or img.mode in ("I", "F"):
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))  # a float image may hold NaN / inf
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if img.mode in _MODES_16 or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            a = a * (255.0 / 65535.0)
+        elif img.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif not (lo >= 0 and hi <= 255):  # another range: stretch what is there
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+_ZIPS: dict[tuple[int, str], tuple[zipfile.ZipFile, threading.Lock, dict[str, str]]] = {}
+_ZIPS_LOCK = threading.Lock()
+
+
+def _zip_entry(archive: str) -> tuple[zipfile.ZipFile, threading.Lock, dict[str, str]]:
+    """The open archive (one per process: a forked child must not share the parent's file
+    position), its lock, and its member index: each file member under its own name and under its
+    name less the first folder (`ViRL39K/images/x.jpg` is found as `images/x.jpg`; a shortened
+    name two members share is left out)."""
+    key = (os.getpid(), archive)
+    with _ZIPS_LOCK:
+        if key not in _ZIPS:
+            zf = zipfile.ZipFile(archive)
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            index = {n: n for n in names}
+            short: dict[str, list[str]] = {}
+            for n in names:
+                if "/" in n:
+                    short.setdefault(n.split("/", 1)[1], []).append(n)
+            for k, v in short.items():
+                if k not in index and len(v) == 1:
+                    index[k] = v[0]
+            _ZIPS[key] = (zf, threading.Lock(), index)
+        return _ZIPS[key]
+
+
+def _open_zip(archive: str) -> tuple[zipfile.ZipFile, threading.Lock]:
+    zf, lock, _ = _zip_entry(archive)
+    return zf, lock
+
+
+def _zip_member(rel: str, folder: Path) -> tuple[ZipMember | None, list[Path]]:
+    """The member of a `.zip` archive in `folder` stored under the relative path `rel`, and the
+    archives searched."""
+    archives = sorted(folder.glob("*.zip")) if folder.is_dir() else []
+    name = Path(rel).as_posix().removeprefix("./")
+    for a in archives:
+        try:
+            index = _zip_entry(str(a))[2]
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{a} is not a readable zip archive ({e})") from e
+        if name in index:
+            return ZipMember(str(a), index[name]), archives
+    return None, archives
+
+
+def _readable(src: ImageSource):
+    """What Image.open takes for a normalised source: a file path or a byte stream."""
+    if isinstance(src, ZipMember):
+        return io.BytesIO(src.read())
+    return io.BytesIO(src) if isinstance(src, bytes) else src
+
+
+class MissingImageError(ValueError):
+    """An image path that is neither a file nor a member of a zip archive beside it."""
 
 
 def _image_source(src: Any, image_dir: str | os.PathLike | None) -> ImageSource:
-    """Normalise one stored image to encoded bytes, an absolute path string, or a PIL image."""
+    """Normalise one stored image to encoded bytes, an absolute path string, a ZipMember, or a PIL
+    image. A relative path is taken from `image_dir`; when no such file exists, from a `.zip`
+    archive there (MissingImageError names both when neither has it)."""
     if isinstance(src, dict):
         if src.get("bytes") is not None:
             src = src["bytes"]
@@ -148,13 +310,22 @@ def _image_source(src: Any, image_dir: str | os.PathLike | None) -> ImageSource:
             raise ValueError("image dict has neither 'bytes' nor 'path'")
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
-    if isinstance(src, Image.Image):
+    if isinstance(src, (Image.Image, ZipMember)):
         return src
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.is_absolute() and image_dir is not None:
-            path = Path(image_dir) / path
-        return str(path)
+        if path.is_absolute() or image_dir is None:
+            if not path.is_file():
+                raise MissingImageError(f"{str(src)!r} not found: no such file")
+            return str(path)
+        full = Path(image_dir) / path
+        if full.is_file():
+            return str(full)
+        member, archives = _zip_member(str(src), Path(image_dir))
+        if member is not None:
+            return member
+        where = f" nor a member of {', '.join(a.name for a in archives)}" if archives else ""
+        raise MissingImageError(f"{str(src)!r} not found: no file {full}{where}")
     raise ValueError(f"unsupported image type {type(src).__name__}")
 
 
@@ -162,10 +333,28 @@ def _check_image(src: ImageSource, full: bool) -> tuple[int, int]:
     """(width, height) of one image; raises if it does not decode (`full`) or open (header only)."""
     if isinstance(src, Image.Image):
         return src.size
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+    with Image.open(_readable(src)) as img:
         if full:
             img.load()
         return img.size
+
+
+def unwrap_boxed(answer: str) -> str:
+    """The content of an answer that is one whole `\\boxed{...}` (optionally inside `$...$`), else
+    the answer unchanged: ViRL39K stores `\\boxed{B}`, and the grader's multiple-choice and unit
+    rules compare a response's boxed content with the bare `B`."""
+    t = answer.strip()
+    if len(t) > 1 and t[0] == t[-1] == "$":
+        t = t.strip("$").strip()
+    m = re.match(r"\\boxed\s*\{", t)
+    if m is None:
+        return answer
+    depth = 0
+    for i in range(m.end() - 1, len(t)):
+        depth += {"{": 1, "}": -1}.get(t[i], 0)
+        if depth == 0:
+            return t[m.end() : i].strip() if i == len(t) - 1 else answer
+    return answer  # never closes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,10 +365,11 @@ def build_messages(problem: Problem | str, suffix: str | None = PROMPT_SUFFIX) -
     """Chat messages for the Qwen2.5-VL template: one user turn, images where the placeholders are.
 
     The text is `problem.strip() + "\\n\\n" + suffix` (no suffix when `suffix` is None or empty), split
-    at `<image>`; the image entries carry no data (the processor gets the images in order).
+    at `<image>`; the image entries carry no data (the processor gets the images in order). A
+    problem that already ends with the suffix, up to spacing, has it cut first (strip_instruction).
     """
     text = problem.problem if isinstance(problem, Problem) else problem
-    text = text.strip()
+    text = strip_instruction(text.strip(), suffix)
     if suffix:
         text = f"{text}\n\n{suffix}"
     content: list[dict] = []
@@ -189,6 +379,25 @@ def build_messages(problem: Problem | str, suffix: str | None = PROMPT_SUFFIX) -
         if part:
             content.append({"type": "text", "text": part})
     return [{"role": "user", "content": content}]
+
+
+def strip_instruction(text: str, suffix: str | None) -> str:
+    """`text` without a trailing copy of `suffix` that differs from it only in whitespace (a line
+    break for a space, `<think></think>` for `<think> </think>`, a doubled space), else `text`.
+    Sources that already carry the format instruction would otherwise give it twice."""
+    target = "".join(suffix.split()) if suffix else ""
+    if not target:
+        return text
+    # positions of text's last len(target) non-space characters
+    pos: list[int] = []
+    for i in range(len(text) - 1, -1, -1):
+        if not text[i].isspace():
+            pos.append(i)
+            if len(pos) == len(target):
+                break
+    if len(pos) < len(target) or "".join(text[i] for i in reversed(pos)) != target:
+        return text
+    return text[: pos[-1]].rstrip()
 
 
 def render_prompt(problem: Problem, processor, suffix: str | None = PROMPT_SUFFIX) -> str:
@@ -346,15 +555,48 @@ def _split_files(folder: Path, split: str | None) -> list[Path]:
     named = {f: split_of(f) for f in files}
     if split is None or all(s is None for s in named.values()):
         return files
-    chosen = [f for f, s in named.items() if s == split]
-    if not chosen:
-        found = sorted({s for s in named.values() if s})
-        raise ValueError(f"split {split!r} not found in {folder} (splits there: {found})")
-    return chosen
+    split = _pick_split(sorted({s for s in named.values() if s}), split, str(folder))
+    return [f for f, s in named.items() if s == split]
 
 
-def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tuple[Iterator[list[dict]], str]:
-    """Row batches (lists of dicts) from any supported source, and a short name for messages."""
+def _pick_split(found: list[str], split: str, where: str) -> str:
+    """`split` when `where` has it; `train` for a held-out split asked of a set whose only split is
+    `train` (the released trainer reads its validation set, chamber111/VPPO_MMK12_validation, as
+    `split="train"`), with a note in the log; else a ValueError naming the splits there."""
+    if split in found:
+        return split
+    if found == ["train"] and split in HELD_OUT_SPLITS:
+        logger.warning(
+            "%s names only the split 'train'; reading it for the %r split asked for (as the released "
+            "recipe reads its validation set, chamber111/VPPO_MMK12_validation)",
+            where, split,
+        )  # fmt: skip
+        return "train"
+    raise ValueError(f"split {split!r} not found in {where} (splits there: {found})")
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The newest snapshot folder of dataset repo `name` in the hub file cache when it holds parquet
+    files (what `hf download` leaves; `datasets` itself reads those offline only after an online
+    load_dataset has filled its own cache), else None."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        path = Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return path if next(path.rglob("*.parquet"), None) is not None else None
+
+
+def _arrow_batches(
+    source: Any, split: str | None, allow_download: bool, files: list[str] | None = None
+) -> tuple[Iterator[list[dict]], str]:
+    """Row batches (lists of dicts) from any supported source, and a short name for messages; the
+    files it reads are appended to `files`."""
+    files = [] if files is None else files
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         rows = list(source)
         if rows and not all(isinstance(r, dict) for r in rows):
@@ -363,8 +605,9 @@ def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tupl
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"source must be a path, a dataset name, or a list of row dicts, got {type(source)}")
 
-    def from_parquet(files: list[Path]) -> Iterator[list[dict]]:
-        for f in files:
+    def from_parquet(paths: list[Path]) -> Iterator[list[dict]]:
+        files.extend(str(f) for f in paths)
+        for f in paths:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=256):
                 yield rb.to_pylist()
 
@@ -384,10 +627,11 @@ def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tupl
 
         if (path / "dataset_dict.json").exists():
             dd = datasets.load_from_disk(str(path))
-            if split not in dd:
-                raise ValueError(f"split {split!r} not in {path} (splits there: {sorted(dd)})")
+            split = _pick_split(sorted(dd), split, str(path))
+            files.append(str(path / split))
             return from_dataset(dd[split]), f"{path.name}/{split}"
         if (path / "state.json").exists():
+            files.append(str(path))
             return from_dataset(datasets.load_from_disk(str(path))), path.name
         return from_parquet(_split_files(path, split)), path.name
     text = str(source)
@@ -396,11 +640,21 @@ def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tupl
     # A hub dataset name, optionally `name@split` as in EasyR1 configs.
     name, _, at_split = text.partition("@")
     split = at_split or split or "train"
+    snapshot = _hub_snapshot(name)
+    if snapshot is not None:  # `hf download <name> --repo-type dataset` put its files in the hub cache
+        return from_parquet(_split_files(snapshot, split)), f"{name}@{split}"
     import datasets  # heavy: ~0.4 s, hub sources only
 
     try:
         with _hub_offline(not allow_download):
-            ds = datasets.load_dataset(name, split=split)
+            try:
+                ds = datasets.load_dataset(name, split=split)
+            except ValueError as e:  # an unknown split: see which there are
+                if at_split or "split" not in str(e).lower():
+                    raise
+                dd = datasets.load_dataset(name)
+                split = _pick_split(sorted(dd), split, name)
+                ds = dd[split]
     except (ConnectionError, FileNotFoundError) as e:
         raise ValueError(
             f"source {text!r} is neither a local path nor a dataset in the local Hugging Face cache "
@@ -413,23 +667,111 @@ def _arrow_batches(source: Any, split: str | None, allow_download: bool) -> tupl
 # loading
 
 
+def source_formats() -> dict[str, SourceFormat]:
+    """The presets of data.format, one module of vppo/datasets/ each."""
+    from vppo.datasets import virl39k, vppo_release  # each cites the schema it reads
+
+    return {f.name: f for f in (vppo_release.FORMAT, virl39k.FORMAT)}
+
+
+def resolve_format(
+    columns: Sequence[str],
+    format: str = "auto",
+    *,
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    image_key: str | None = "images",
+    id_key: str | None = None,
+    name: str = "the source",
+) -> SourceFormat:
+    """The SourceFormat that reads a source with these columns; a ValueError naming the source, the
+    columns found and the presets otherwise.
+
+    `columns` uses the keys given; a preset its own keys; `auto` the keys given when they are all
+    columns (their defaults are the vppo preset's), else the one preset whose columns are all there.
+    """
+    presets = source_formats()
+    cols = set(columns)
+    given = SourceFormat("columns", problem_key, answer_key, image_key, id_key, "the keys given")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "columns" or (format == "auto" and set(given.columns) <= cols):
+        vppo = presets["vppo"]
+        same = given.columns == vppo.columns and id_key is None
+        chosen = vppo if same and format == "auto" else given
+    elif format == "auto":
+        hits = [f for f in presets.values() if set(f.columns) <= cols]
+        if len(hits) != 1:
+            listing = "; ".join(f"{f.name} ({', '.join(f.columns)}: {f.schema})" for f in presets.values())
+            why = (
+                f"it matches {len(hits)} presets"
+                if hits
+                else f"problem_key={problem_key!r}, answer_key={answer_key!r}, image_key={image_key!r} "
+                "are not all columns and no preset matches"
+            )
+            raise ValueError(
+                f"cannot tell the format of {name} from its columns {sorted(cols)}: {why}. Presets: "
+                f"{listing}. Set data.format to a preset, or data.format=columns with data.problem_key, "
+                "data.answer_key and data.image_key"
+            )
+        chosen = hits[0]
+    else:
+        chosen = presets[format]
+    for arg, key in (
+        ("problem_key", chosen.problem_key),
+        ("answer_key", chosen.answer_key),
+        ("image_key", chosen.image_key),
+    ):
+        if key is not None and key not in cols:
+            raise ValueError(
+                f"{arg}={key!r} (format {chosen.name}) is not a column of {name} (columns: {sorted(cols)})"
+            )
+    return chosen
+
+
+def source_columns(source: str | os.PathLike, split: str | None = "train") -> list[str] | None:
+    """The column names of a parquet source, local or in the hub file cache (its schema only, no
+    rows), or None when that cannot be told without loading it (a save_to_disk folder, a hub name
+    only `datasets` has cached, a missing path)."""
+    path = Path(source).expanduser()
+    if not path.exists() and not str(source).startswith((".", "/", "~")):
+        name, _, at_split = str(source).partition("@")
+        path = _hub_snapshot(name) or path
+        split = at_split or split
+    if path.is_file() and path.suffix == ".parquet":
+        return pq.read_schema(path).names
+    if path.is_dir() and not (path / "dataset_dict.json").exists() and not (path / "state.json").exists():
+        files = _split_files(path, split)
+        return pq.read_schema(files[0]).names
+    return None
+
+
+class _ImageRowError(ValueError):
+    """A row broken by one of its images (counted towards the lost-modality check)."""
+
+
 def _row_problem(
     row: dict,
     index: int,
     name: str,
-    keys: tuple[str, str, str | None],
+    fmt: SourceFormat,
     id_key: str | None,
     image_dir: Path | None,
     full_check: bool,
 ) -> Problem:
     """One row as a Problem; raises ValueError (message without the row name) when it is broken."""
-    problem_key, answer_key, image_key = keys
+    problem_key, answer_key, image_key = fmt.problem_key, fmt.answer_key, fmt.image_key
     text = row.get(problem_key)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"missing or empty {problem_key!r}")
     answer = row.get(answer_key)
     if answer is None or not _answer_text(answer):
         raise ValueError(f"missing or empty {answer_key!r}")
+    answer_text = _answer_text(answer)
+    if isinstance(answer, str):
+        answer_text = unwrap_boxed(answer_text)
+        if not answer_text:
+            raise ValueError(f"empty \\boxed{{}} in {answer_key!r}")
     raw = row.get(image_key) if image_key else None
     if raw is None:
         raw = []
@@ -442,15 +784,20 @@ def _row_problem(
     for j, r in enumerate(raw):
         try:
             src = _image_source(r, image_dir)
+        except MissingImageError as e:
+            raise _ImageRowError(f"image {j}: {e}") from e
+        try:
             sizes.append(_check_image(src, full_check))
         except Exception as e:  # any decoder error means the same thing here
-            raise ValueError(f"image {j} does not decode ({type(e).__name__}: {e})") from e
+            raise _ImageRowError(f"image {j} does not decode ({type(e).__name__}: {e})") from e
         sources.append(src)
     uid = f"{name}[{index}]"
     if id_key and row.get(id_key) is not None:
         uid = f"{uid} ({id_key}={row[id_key]})"
     meta = {k: v for k, v in row.items() if k not in (problem_key, answer_key, image_key)}
-    return Problem(uid, text, _answer_text(answer), tuple(sources), tuple(sizes), meta)
+    if isinstance(answer, str) and answer_text != answer.strip():
+        meta["answer_as_stored"] = answer
+    return Problem(uid, text, answer_text, tuple(sources), tuple(sizes), meta)
 
 
 def _answer_text(answer: Any) -> str:
@@ -465,6 +812,7 @@ def load_problems(
     source: str | os.PathLike | Sequence[dict],
     split: str | None = "train",
     *,
+    format: str = "auto",
     problem_key: str = "problem",
     answer_key: str = "answer",
     image_key: str | None = "images",
@@ -481,16 +829,22 @@ def load_problems(
     """Load problems from a parquet file or folder, a save_to_disk folder, a hub name, or row dicts.
 
     Args:
-        split: which split of a folder / DatasetDict / hub dataset (ignored for single files).
-        problem_key, answer_key, image_key: column names (`image_key=None`: a text-only set).
-        id_key: column naming rows in messages; default the first of id / qid / uid / pid present.
-        image_dir: folder for relative image paths (default: the source's folder).
+        split: which split of a folder / DatasetDict / hub dataset (ignored for single files); a
+            held-out split asked of a set whose only split is `train` reads `train` (logged).
+        format: auto | vppo | virl39k | columns (see the module docstring and resolve_format).
+        problem_key, answer_key, image_key: column names for format columns / auto
+            (`image_key=None`: a text-only set).
+        id_key: column naming rows in messages; default the format's, else the first of
+            id / qid / uid / pid present.
+        image_dir: folder for relative image paths and zip archives (default: the source's folder).
         processor, max_prompt_length: when both are set, prompts longer than max_prompt_length tokens
             (after image expansion, with `suffix`) are dropped and counted in `stats.overlong`.
         strict: raise ValueError at the first broken row instead of skipping it.
         limit: stop after this many kept problems.
         check_images: "full" decodes every image once; "header" only opens it (faster on big sets).
         allow_download: let a hub name download; otherwise only the local cache is read.
+
+    Raises ValueError, whatever `strict`, when every row that names an image is broken by it.
     """
     if check_images not in ("full", "header"):
         raise ValueError(f"check_images must be 'full' or 'header', got {check_images!r}")
@@ -498,64 +852,66 @@ def load_problems(
         raise ValueError("max_prompt_length needs a processor and must be positive")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
-    batches, name = _arrow_batches(source, split, allow_download)
-    if image_dir is None and isinstance(source, (str, os.PathLike)) and Path(source).exists():
-        p = Path(source).expanduser().resolve()
-        image_dir = p if p.is_dir() else p.parent
+    stats, problems = LoadStats(), []
+    batches, name = _arrow_batches(source, split, allow_download, stats.files)
+    if image_dir is None and isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        if p.exists():
+            image_dir = p.resolve() if p.is_dir() else p.resolve().parent
+        else:  # a hub name: its snapshot folder, when the hub cache holds one
+            image_dir = _hub_snapshot(str(source).partition("@")[0])
     image_dir = Path(image_dir) if image_dir is not None else None
 
-    stats, problems = LoadStats(), []
-    keys_checked = False
+    fmt = None
     for batch in batches:
         for row in batch:
-            if not keys_checked:
-                for arg, key in (
-                    ("problem_key", problem_key),
-                    ("answer_key", answer_key),
-                    ("image_key", image_key),
-                ):
-                    if key is not None and key not in row:
-                        raise ValueError(f"{arg}={key!r} is not a column of {name} (columns: {sorted(row)})")
-                if id_key is None:
-                    id_key = next((k for k in ID_KEYS if k in row), None)
-                keys_checked = True
+            if fmt is None:
+                fmt = resolve_format(
+                    list(row), format, problem_key=problem_key, answer_key=answer_key,
+                    image_key=image_key, id_key=id_key, name=name,
+                )  # fmt: skip
+                stats.format = fmt.name
+                row_id = fmt.id_key or next((k for k in ID_KEYS if k in row), None)
             index = stats.rows
             stats.rows += 1
+            if fmt.image_key and row.get(fmt.image_key) not in (None, [], ()):
+                stats.image_rows += 1
             try:
-                p = _row_problem(
-                    row,
-                    index,
-                    name,
-                    (problem_key, answer_key, image_key),
-                    id_key,
-                    image_dir,
-                    check_images == "full",
-                )
+                p = _row_problem(row, index, name, fmt, row_id, image_dir, check_images == "full")
                 if max_prompt_length is not None:
                     try:
                         n_tokens = prompt_length(p, processor, suffix)
                     except ValueError as e:  # e.g. an aspect ratio the image processor refuses
                         raise ValueError(f"the processor rejects its images ({e})") from e
             except ValueError as e:
-                rid = f"{name}[{index}]" + (f" ({id_key}={row.get(id_key)})" if id_key else "")
+                rid = f"{name}[{index}]" + (f" ({row_id}={row.get(row_id)})" if row_id else "")
                 msg = f"broken row {rid}: {e}"
                 if strict:
                     raise ValueError(msg) from e
                 stats.broken += 1
+                stats.image_failures += isinstance(e, _ImageRowError)
                 stats.first_broken = stats.first_broken or msg
+                stats.broken_rows.append(msg)
                 continue
             if max_prompt_length is not None and n_tokens > max_prompt_length:
                 stats.overlong += 1
                 continue
-            if not isinstance(row.get(answer_key), str):
+            if not isinstance(row.get(fmt.answer_key), str):
                 stats.non_string_answers += 1
-                stats.first_non_string = stats.first_non_string or f"{p.uid}: {row.get(answer_key)!r}"
+                stats.first_non_string = stats.first_non_string or f"{p.uid}: {row.get(fmt.answer_key)!r}"
+            stats.boxed_answers += "answer_as_stored" in p.meta
             problems.append(p)
             if limit is not None and len(problems) >= limit:
                 break
         if limit is not None and len(problems) >= limit:
             break
     stats.kept = len(problems)
+    if stats.image_rows and stats.image_failures == stats.image_rows:
+        raise ValueError(
+            f"every image of {name} failed to load ({stats.image_rows} row(s) name images; the first: "
+            f"{stats.first_broken}): training would go on without the images. Check data.image_dir "
+            "(relative paths are taken from the source's folder, then from a .zip archive there)"
+        )
     if stats.broken:
         warnings.warn(
             f"skipped {stats.broken} broken row(s) of {stats.rows} in {name}; "
@@ -574,3 +930,109 @@ def load_problems(
             "dropped %d prompt(s) longer than %d tokens from %s", stats.overlong, max_prompt_length, name
         )
     return ProblemSet(problems, stats)
+
+
+# ----------------------------------------------------------------------------------------------------
+# python -m vppo.data check SOURCE
+
+
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?|[-+]?\d+/\d+")
+
+
+def answer_kind(answer: str) -> str:
+    """letter (`B`, `(B)`, `B.`), number (`12`, `-0.5`, `3/4`, `1,000`, `25%`) or expression."""
+    t = answer.strip()
+    if re.fullmatch(r"\(?[A-Z]\)?\.?", t):
+        return "letter"
+    return "number" if _NUMBER.fullmatch(t.replace(",", "")) else "expression"
+
+
+def check_source(
+    source: str,
+    split: str | None = "train",
+    *,
+    processor_path: str | None = None,
+    suffix: str | None = PROMPT_SUFFIX,
+    out=None,
+    **load_kw,
+) -> ProblemSet:
+    """Load `source` as training does, without a model, and print what came out of it: the format,
+    the files, rows, every broken row and why, images, answer kinds, one rendered prompt (the chat
+    template of `processor_path` when given, else the user turn as text). Raises ValueError when the
+    source cannot be read or yields no problem."""
+    out = out or sys.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BrokenRowWarning)  # every broken row is printed below
+        ps = load_problems(source, split, suffix=suffix, **load_kw)
+    st = ps.stats
+    fmt = source_formats().get(st.format or "")
+    print(f"source: {source}" + (f" (split {split})" if split else ""), file=out)
+    print(f"format: {st.format}" + (f" ({fmt.schema})" if fmt else ""), file=out)
+    print(f"files: {', '.join(st.files) or '(rows in memory / hub cache)'}", file=out)
+    archives = sorted({s.archive for p in ps for s in p.images if isinstance(s, ZipMember)})
+    if archives:
+        print(f"images read from: {', '.join(archives)} (not extracted)", file=out)
+    print(f"rows: {st.rows} read, {st.kept} usable, {st.broken} broken", file=out)
+    for msg in st.broken_rows:
+        print(f"  {msg}", file=out)
+    n_images = sum(len(p.images) for p in ps)
+    text_only = sum(1 for p in ps if not p.images)
+    print(
+        f"images: {n_images} in {len(ps) - text_only} problem(s); {text_only} text-only problem(s)", file=out
+    )
+    kinds = {k: 0 for k in ("letter", "number", "expression")}
+    for p in ps:
+        kinds[answer_kind(p.answer)] += 1
+    print(
+        "answers: " + ", ".join(f"{k} {v}" for k, v in kinds.items())
+        + f" ({st.boxed_answers} unwrapped from \\boxed{{}}, {st.non_string_answers} not strings)",
+        file=out,
+    )  # fmt: skip
+    if not len(ps):
+        raise ValueError(f"{source}: no usable problem ({st.rows} row(s) read, {st.broken} broken)")
+    first = ps[0]
+    if processor_path:
+        prompt = render_prompt(first, load_processor(processor_path), suffix)
+    else:
+        parts = build_messages(first, suffix)[0]["content"]
+        prompt = "".join(c["text"] if c["type"] == "text" else IMAGE_PLACEHOLDER for c in parts)
+    print(f"prompt of {first.uid} (answer {first.answer!r}):\n{prompt}", file=out)
+    return ps
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vppo.data", description="Training data tools (no model).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser(
+        "check",
+        help="load a source as training does and report format, files, rows, broken rows, images, "
+        "answer kinds and one prompt; exit 1 when it cannot be read or yields no problem",
+    )
+    c.add_argument("source", help="parquet file or folder, save_to_disk folder, or hub name (cache only)")
+    c.add_argument("--split", default="train", help="split of a folder / hub set (default train)")
+    c.add_argument("--format", default="auto", choices=FORMATS, help="data.format (default auto)")
+    c.add_argument("--problem-key", default="problem", help="format columns / auto: the problem column")
+    c.add_argument("--answer-key", default="answer", help="format columns / auto: the answer column")
+    c.add_argument("--image-key", default="images", help="format columns / auto: the image column")
+    c.add_argument(
+        "--image-dir", default=None, help="folder for relative image paths (default: the source's)"
+    )
+    c.add_argument("--processor", default=None, help="model folder whose chat template renders the prompt")
+    c.add_argument("--prompt-suffix", default=PROMPT_SUFFIX, help="appended to the problem ('' for none)")
+    args = ap.parse_args(argv)
+    try:
+        check_source(
+            args.source, args.split, processor_path=args.processor, suffix=args.prompt_suffix or None,
+            format=args.format, problem_key=args.problem_key, answer_key=args.answer_key,
+            image_key=args.image_key, image_dir=args.image_dir,
+        )  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

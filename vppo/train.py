@@ -139,8 +139,8 @@ def setup(cfg: Config) -> Run:
                 d.prompt_suffix, cfg.model.path, learned, vdata.PROMPT_FILE,
             )  # fmt: skip
     load = partial(
-        vdata.load_problems, problem_key=d.problem_key, answer_key=d.answer_key, image_key=d.image_key,
-        image_dir=d.image_dir, processor=processor, max_prompt_length=d.max_prompt_len,
+        vdata.load_problems, format=d.format, problem_key=d.problem_key, answer_key=d.answer_key,
+        image_key=d.image_key, image_dir=d.image_dir, processor=processor, max_prompt_length=d.max_prompt_len,
         suffix=d.prompt_suffix, strict=d.strict,
     )  # fmt: skip
     train_set = load(d.train, "train")
