@@ -937,12 +937,14 @@ def load_problems(
 
 
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?|[-+]?\d+/\d+")
+_LETTERS = re.compile(r"\(?[A-Z]\)?\.?(?:\s*,\s*\(?[A-Z]\)?)*")
 
 
 def answer_kind(answer: str) -> str:
-    """letter (`B`, `(B)`, `B.`), number (`12`, `-0.5`, `3/4`, `1,000`, `25%`) or expression."""
+    """letter (`B`, `(B)`, `B.`, several as `A, C`), number (`12`, `-0.5`, `3/4`, `1,000`, `25%`) or
+    expression (anything else): what `check` reports, for training sources and benchmarks alike."""
     t = answer.strip()
-    if re.fullmatch(r"\(?[A-Z]\)?\.?", t):
+    if _LETTERS.fullmatch(t):
         return "letter"
     return "number" if _NUMBER.fullmatch(t.replace(",", "")) else "expression"
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from vppo.data import IMAGE_PLACEHOLDER
+from vppo.data import IMAGE_PLACEHOLDER, answer_kind  # noqa: F401  (answer_kind: one rule for every check)
 
 TABLE_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv")
 
@@ -210,16 +209,6 @@ def image_value(value: Any, base: Sequence[Path]) -> Any:
     if hit is None:
         raise FileNotFoundError(f"image file {path!r} not found (looked at {[str(t) for t in tried]})")
     return str(hit.resolve())
-
-
-def answer_kind(answer: str) -> str:
-    """'letter' (one capital, or several as `A, C`), 'number', or 'expression' (anything else)."""
-    a = answer.strip()
-    if re.fullmatch(r"\(?[A-Z]\)?(?:\s*,\s*\(?[A-Z]\)?)*", a):
-        return "letter"
-    if re.fullmatch(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?%?", a):
-        return "number"
-    return "expression"
 
 
 # ----------------------------------------------------------------------------------------------------
