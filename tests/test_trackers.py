@@ -168,6 +168,7 @@ def _tensorboard(out):
     hist = {}
     for key in ea.Tags()["scalars"]:
         for e in ea.Scalars(key):
+            assert key not in hist.get(e.step, {}), f"TensorBoard {key} step {e.step} logged twice"
             hist.setdefault(e.step, {})[key] = e.value
     return hist
 
@@ -267,3 +268,14 @@ def test_loggers_key_checks_names_and_folds_the_deprecated_tensorboard_flag(tmp_
         assert load_config(None, ["run.loggers=[]", "run.tensorboard=true"]).run.loggers == ["tensorboard"]
     path = save_resolved(cfg, tmp_path)  # the saved config has run.loggers alone: no warning again
     assert load_config(path) == cfg
+
+
+def test_only_rank_0_logs(tmp_path):
+    """Metrics is enabled on rank 0 only (vppo.train.setup); elsewhere no tracker starts."""
+    from vppo.metrics import Metrics
+
+    m = Metrics(tmp_path, False, ["console", "tensorboard", "wandb", "swanlab", "mlflow"], {"a": 1})
+    m.truncate(1)
+    m.log({"step": 2, "reward": 0.5})
+    m.close()
+    assert m.trackers == [] and not list(tmp_path.iterdir())

@@ -14,7 +14,7 @@ non-numeric values are left to metrics.jsonl. Each tracker also gets the resolve
     mlflow       MLflow through mlflow-skinny; a file store in <run>/mlruns unless
                  MLFLOW_TRACKING_URI names another (MLflow 3 keeps the file store in maintenance
                  mode and refuses it unless MLFLOW_ALLOW_FILE_STORE=true, which is set for that
-                 default only; `mlflow ui --backend-store-uri <run>/mlruns` shows it)
+                 default only; the full mlflow package's `mlflow ui` shows it)
 
 Nothing leaves the machine unless an environment variable asks for it (WANDB_MODE=online,
 SWANLAB_MODE=online, MLFLOW_TRACKING_URI=http://...). Projects / experiments are named "vppo"
@@ -252,7 +252,7 @@ def start(loggers: list[str], run_dir: Path, config: dict, resume_step: int | No
     """The trackers of run.loggers, started (a resume continues the runs named in trackers.json)."""
     path = Path(run_dir) / STATE_FILE
     saved = json.loads(path.read_text()) if resume_step is not None and path.exists() else {}
-    out, state = [], {}
+    out, state = [], dict(saved)  # a resume keeps the ids of trackers left out this time
     for name in loggers:
         state[name] = dict(saved.get(name, {}))
         out.append(TRACKERS[name](Path(run_dir), config, resume_step, state[name]))
