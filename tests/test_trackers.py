@@ -279,3 +279,13 @@ def test_only_rank_0_logs(tmp_path):
     m.log({"step": 2, "reward": 0.5})
     m.close()
     assert m.trackers == [] and not list(tmp_path.iterdir())
+
+
+def test_console_prints_the_config_then_a_line_per_record(tmp_path, capsys):
+    from vppo.metrics import Metrics
+
+    m = Metrics(tmp_path, True, ["console"], {"train": {"lr": 0.1}})
+    m.log({"step": 1, "reward": 0.5, "note": "text stays in metrics.jsonl"})
+    m.close()
+    out = capsys.readouterr().out
+    assert "resolved config:\ntrain:\n  lr: 0.1\n" in out and "step 1: reward=0.5\n" in out

@@ -4,7 +4,8 @@
 appends to each tracker of run.loggers: every numeric value (bools as 0/1) at the record's "step";
 non-numeric values are left to metrics.jsonl. Each tracker also gets the resolved config.
 
-    console      one line per record on stdout (through tqdm, so the progress bar stays whole)
+    console      the config, then one line per record on stdout (through tqdm, so the progress
+                 bar stays whole)
     tensorboard  <run>/tb (non-finite values skipped, as TensorBoard cannot draw them)
     wandb        Weights & Biases; offline files in <run>/wandb unless WANDB_MODE says otherwise
                  (`wandb sync <run>/wandb/offline-run-*` uploads them later)
@@ -92,9 +93,11 @@ class Console(Tracker):
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None, state: dict):
         super().__init__(run_dir, config, resume_step, state)
+        import yaml
         from tqdm import tqdm  # writes above an open progress bar instead of through it
 
         self.write = tqdm.write
+        self.write("resolved config:\n" + yaml.safe_dump(config, sort_keys=False, width=1000).rstrip())
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
