@@ -208,7 +208,16 @@ class RunConfig:
     )
     watchdog_seconds: float = _f(1800.0, "dump all stacks when a phase runs longer than this; 0 = off")
     export_hf: bool = _f(True, "export the final policy in Hugging Face format")
-    tensorboard: bool = _f(True, "write TensorBoard logs")
+    loggers: list[Literal["console", "tensorboard", "wandb", "swanlab", "mlflow"]] = _f(
+        ["tensorboard"],
+        "where the metrics.jsonl records and the config also go (vppo.trackers), e.g. [console,wandb]: "
+        "console (a line per step), tensorboard (<output_dir>/tb), wandb, swanlab, mlflow (offline, in "
+        "output_dir, unless WANDB_MODE / SWANLAB_MODE / MLFLOW_TRACKING_URI say otherwise; pip install "
+        "'vppo[trackers]'); [] = metrics.jsonl only",
+    )
+    tensorboard: bool | None = _f(
+        None, "deprecated, use run.loggers: true adds tensorboard to it, false removes it; null = leave it"
+    )
     nvtx: bool = _f(False, "NVTX ranges around each phase")
 
 
@@ -578,6 +587,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(u.plot_every >= 1, "run.plot_every", "must be >= 1", u.plot_every)
     _check(u.watchdog_seconds >= 0, "run.watchdog_seconds", "must be >= 0", u.watchdog_seconds)
     _check(bool(u.output_dir.strip()), "run.output_dir", "must not be empty", u.output_dir)
+    _check(len(set(u.loggers)) == len(u.loggers), "run.loggers", "must not repeat a logger", u.loggers)
+    if u.tensorboard is not None:  # folded into run.loggers and cleared: the saved config has loggers only
+        warnings.warn(
+            f"run.tensorboard is deprecated: use run.loggers (run.tensorboard={str(u.tensorboard).lower()} "
+            f"{'adds tensorboard to' if u.tensorboard else 'removes tensorboard from'} run.loggers)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        u.loggers = [x for x in u.loggers if x != "tensorboard"] + (["tensorboard"] if u.tensorboard else [])
+        u.tensorboard = None
     if u.resume not in ("auto", "never"):
         _check(
             Path(u.resume).exists(),
@@ -939,11 +958,22 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
     return p
 
 
+def check_loggers(cfg: Config) -> None:
+    """That every tracker of run.loggers imports; else a ValueError naming it and the pip command.
+    The command line runs it next to check_sources, and the training loop before it loads
+    anything; not part of validate(), so that a run's config.yaml stays loadable where its trackers
+    are not installed."""
+    from vppo import trackers  # light: the tracker packages are imported by the check itself
+
+    trackers.check(cfg.run.loggers)
+
+
 def config_from_args(
     argv: list[str] | None = None, prog: str | None = None, description: str | None = None
 ) -> Config:
-    """Parse the command line into a Config; bad keys or values, YAML syntax errors and data or
-    model sources that cannot be loaded (check_sources) exit with a one-line message (status 2).
+    """Parse the command line into a Config; bad keys or values, YAML syntax errors, data or
+    model sources that cannot be loaded (check_sources) and tracker packages that do not import
+    (check_loggers) exit with a one-line message (status 2).
     --print-config prints and exits before the sources are checked (it needs no data)."""
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
@@ -956,6 +986,7 @@ def config_from_args(
         parser.exit(0)
     try:
         check_sources(cfg)
+        check_loggers(cfg)
     except ValueError as e:
         parser.error(str(e))
     return cfg

@@ -1,15 +1,19 @@
-"""The run's metrics: metrics.jsonl (one record per step), TensorBoard, and a PNG of the curves.
+"""The run's metrics: metrics.jsonl (one record per step), the trackers of run.loggers
+(vppo.trackers: console, TensorBoard, W&B, SwanLab, MLflow), and a PNG of the curves.
 
 `read_metrics` is also what `python -m vppo.compare` reads runs with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from vppo import trackers as T
 
 log = logging.getLogger("vppo.metrics")
 
@@ -41,41 +45,57 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class Metrics:
-    """metrics.jsonl (+ TensorBoard, + curves.png) in the run folder, written by rank 0 only."""
+    """metrics.jsonl (+ the trackers of run.loggers, + curves.png) in the run folder, written by
+    rank 0 only. Each record appended to metrics.jsonl goes to every tracker, at its "step".
+
+    `loggers` is run.loggers (a bool is the old run.tensorboard flag); `config` the resolved config
+    (a Config or its dict) the trackers record. They start at the first log() or truncate(): a
+    resume calls truncate(step) first, so that they continue their runs from that step
+    (vppo.trackers says how each does)."""
 
     CURVES = CURVES
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(
+        self, run_dir: Path, enabled: bool, loggers: Sequence[str] | bool = (), config: object = None
+    ):
         self.dir, self.enabled = Path(run_dir), enabled
         self.path = self.dir / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard may be absent
+        if isinstance(loggers, bool):
+            loggers = ["tensorboard"] if loggers else []
+        self.loggers = list(loggers)
+        self.config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+        self.trackers: list[T.Tracker] | None = None  # started by the first log() or truncate()
 
-                self.tb = SummaryWriter(str(self.dir / "tb"))
-            except Exception as e:  # tensorboard missing or broken: keep the JSON log
-                log.warning("TensorBoard disabled: %s", e)
+    def _start(self, resume_step: int | None) -> None:
+        if self.enabled and self.trackers is None:
+            self.trackers = T.start(self.loggers, self.dir, self.config, resume_step)
 
     def history(self) -> list[dict]:
         return read_metrics(self.path)
 
     def truncate(self, step: int) -> None:
-        """Drop records after `step` (they belong to work a resumed run redoes)."""
+        """Drop records after `step` (they belong to work a resumed run redoes); the trackers
+        continue their runs from `step`."""
         if self.enabled and self.path.exists():
             keep = [r for r in self.history() if r.get("step", 0) <= step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self._start(step)
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, rec["step"])
-            self.tb.flush()
+        self._start(None)
+        values = T.scalars(rec)
+        for t in self.trackers:
+            t.log(rec["step"], values)
+
+    def close(self) -> None:
+        """Finish the tracker runs (W&B and SwanLab write their last records, MLflow marks it done)."""
+        for t in self.trackers or []:
+            t.close()
+        self.trackers = []  # closed: later records go to metrics.jsonl only
 
     def plot(self) -> None:
         """curves.png: one panel per curve of CURVES present, written atomically."""

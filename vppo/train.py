@@ -51,7 +51,7 @@ from transformers import ProcessorMixin
 from vppo import bases, loss, objective, packing, spotlight
 from vppo import data as vdata
 from vppo.checkpoint import CheckpointManager
-from vppo.config import Config, batch_numbers, config_from_args, format_derived, save_resolved
+from vppo.config import Config, batch_numbers, check_loggers, config_from_args, format_derived, save_resolved
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
 from vppo.evaluate import evaluate_problems
 from vppo.export import export_hf
@@ -123,6 +123,7 @@ def setup(cfg: Config) -> Run:
     """Distributed init, data, model, DeepSpeed engine, and the resume point."""
     rank, world = init_distributed()
     batch_numbers(cfg, world)  # sizes that do not divide fail before anything is loaded
+    check_loggers(cfg)  # and so does a tracker package (run.loggers) that does not import
     resolve_defaults(cfg)
     run_dir = Path(cfg.run.output_dir)
     if rank == 0:
@@ -170,7 +171,7 @@ def setup(cfg: Config) -> Run:
         order=DataOrder(len(train_set), cfg.train.seed, d.shuffle),
         grader=Grader(),
         ckpt=CheckpointManager(run_dir, cfg.run.keep_last, rank=rank, world_size=world),
-        metrics=Metrics(run_dir, rank == 0, cfg.run.tensorboard),
+        metrics=Metrics(run_dir, rank == 0, cfg.run.loggers, cfg),
         timer=PhaseTimer(watchdog_seconds=cfg.run.watchdog_seconds or None, nvtx=cfg.run.nvtx, sync=sync),
         total_steps=dv.total_steps,
         sampler=sampling_engine(cfg, processor, token_ids(hf, processor), rank, world),
@@ -386,6 +387,7 @@ def train(cfg: Config) -> dict:
     bar.close()
     run.grader.close()
     run.timer.close()
+    run.metrics.close()
     if cfg.run.export_hf:
         export_hf(
             run.engine, run.processor, Path(cfg.run.output_dir) / "export", rank, cfg.data.prompt_suffix
