@@ -10,6 +10,8 @@ Pieces, in the order a training step uses them:
   policy_loss          clip-higher + dual-clip surrogate with the TGF token mask, entropy
                        penalty and optional KL -> (loss, stats)
   loss_scale           the micro-batch / rank factor that makes gradients sum to the global mean
+  step_stats           the logged statistics of an optimizer step: global means over all its
+                       micro-batches and ranks, each over the unit STAT_MEAN_OVER names
   reference_loss       the whole micro-batch loss from naive logits: the reference the fused
                        kernel path is checked against
 
@@ -510,6 +512,7 @@ def policy_loss(
             "clipfrac_dual",
             "kept_frac",
             "valid_tokens",
+            "valid_seqs",
         ]
         vals = [
             loss,
@@ -522,6 +525,7 @@ def policy_loss(
             frac(dual),
             frac(keep),
             valid.sum().float(),
+            valid.any(-1).sum().float(),
         ]
         if kl is not None:
             names.append("kl_loss")
@@ -531,6 +535,59 @@ def policy_loss(
             vals.append(_token_mean(tis, valid))
         stats = dict(zip(names, torch.stack([v.detach().float() for v in vals]).tolist()))
     return loss, stats
+
+
+# What each statistic of `policy_loss` is a mean over, the one definition the update's logged
+# statistics follow (vppo.train.update through `step_stats`): "token" = the valid response tokens,
+# "agg" = the unit of loss_agg (tokens with "token", non-empty sequences with "seq"), "count" = a
+# count that is added up. `loss` is None: the update logs the sum of the pre-scaled micro losses.
+STAT_MEAN_OVER: dict[str, str | None] = {
+    "loss": None,
+    "pg_loss": "agg",
+    "kl_loss": "agg",
+    "entropy_loss": "token",
+    "ppo_kl": "token",
+    "ratio_mean": "token",
+    "clipfrac_high": "token",
+    "clipfrac_low": "token",
+    "clipfrac_dual": "token",
+    "kept_frac": "token",
+    "tis_weight_mean": "token",
+    "valid_tokens": "count",
+    "valid_seqs": "count",
+}
+
+
+def step_stats(micro: list[dict[str, float]], loss_agg: str = "token", reduce: Reduce | None = None) -> dict:
+    """The statistics of one optimizer step from the `policy_loss` stats of its micro-batches on this
+    rank: each the mean over the whole global mini-batch (every micro-batch of every rank) of the unit
+    STAT_MEAN_OVER gives it, whatever the split, and the counts summed (valid_tokens, valid_seqs: the
+    step's global totals). Each micro mean is turned back into its sum (mean x count, in float64),
+    the sums and counts are all-reduced once (`reduce(t, "sum")`), then divided. `loss` is left out.
+    """
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if not micro:
+        raise ValueError("step_stats needs the stats of at least one micro-batch")
+    keys = list(micro[0])
+    unknown = [k for k in keys if k not in STAT_MEAN_OVER]
+    if unknown:  # a new statistic must say what it is a mean over
+        raise ValueError(f"statistics {unknown} have no entry in vppo.objective.STAT_MEAN_OVER")
+    for m in micro:
+        if list(m) != keys:
+            raise ValueError(f"micro-batch statistics differ in their keys: {sorted(set(m) ^ set(keys))}")
+    unit = {"token": "valid_tokens", "agg": "valid_tokens" if loss_agg == "token" else "valid_seqs"}
+    kept = [k for k in keys if STAT_MEAN_OVER[k] is not None]
+    weight = lambda m, k: 1.0 if STAT_MEAN_OVER[k] == "count" else m[unit[STAT_MEAN_OVER[k]]]  # noqa: E731
+    sums = torch.tensor([[m[k] * weight(m, k) for k in kept] for m in micro], dtype=torch.float64).sum(0)
+    if reduce is not None:
+        sums = reduce(sums, "sum")
+    total = dict(zip(kept, sums.tolist()))
+    out = {}
+    for k in kept:
+        kind = STAT_MEAN_OVER[k]
+        out[k] = total[k] if kind == "count" else total[k] / max(total[unit[kind]], 1.0)
+    return out
 
 
 def reference_loss(

@@ -269,11 +269,15 @@ def balance(mb: Trajectory, world: int, pad_id: int) -> Trajectory:
     return _cat(received, pad_id)
 
 
-def pad_fraction(traj: Trajectory, packed: bool) -> float:
-    """Fraction of the positions a pass over traj computes that are padding (0 when packed)."""
+def pad_fraction(traj: Trajectory, packed: bool, reduce=None) -> float:
+    """Fraction of the positions a pass over traj computes that are padding (0 when packed); over
+    every rank's rows together when `reduce(tensor, "sum")` all-reduces (a logged statistic)."""
     if packed:
         return 0.0
-    return 1.0 - float(traj.attention_mask.sum()) / max(traj.attention_mask.numel(), 1)
+    a = traj.attention_mask
+    n = torch.tensor([float(a.sum()), float(a.numel())], dtype=torch.float64)
+    n = reduce(n, "sum") if reduce is not None else n
+    return 1.0 - float(n[0]) / max(float(n[1]), 1.0)
 
 
 def update_inputs(hf, part: Trajectory, ids, packed: bool):

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from transformers import ProcessorMixin
 
 from vppo import data as vdata
-from vppo import loss, objective, packing, spotlight
+from vppo import distributed, loss, objective, packing, spotlight
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, config_from_args, format_derived, save_resolved
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
@@ -264,7 +264,7 @@ def update(
             # the normaliser of this optimizer step: tokens (or sequences) over all ranks
             unit = lambda m: m.sum() if by_token else m.any(-1).sum()  # noqa: E731
             total = int(all_reduce(unit(mb.response_mask).double().reshape(1))[0])
-            agg, step_loss = [], 0.0
+            micro_stats, step_loss = [], 0.0
             parts = packing.micro_batches(mb, micro, **packing.pass_options(t, all_reduce))
             for k, idx in enumerate(parts):
                 part = mb.select(idx)
@@ -284,18 +284,19 @@ def update(
                 engine.backward(out)
                 engine.step()
                 step_loss += float(out.detach()) / gas
-                agg.append(stats)
+                micro_stats.append(stats)
             guard = engine.vppo_guard
             steps.append(
                 {
-                    **{k: sum(x[k] for x in agg) / len(agg) for k in agg[0]},
+                    # global means over every micro-batch and rank (vppo.objective.STAT_MEAN_OVER)
+                    **objective.step_stats(micro_stats, opts.objective.loss_agg, all_reduce),
                     # the loss of the whole global mini-batch (the micro losses are pre-scaled)
                     "loss": float(all_reduce(torch.tensor([step_loss], dtype=torch.float64))[0]) / world,
                     "grad_norm": guard.last_norm,
                     "lr": guard.last_lr,
                     "skipped": guard.last_skipped,
-                    "alpha_mean": float(alpha.mean()),
-                    "pad_frac_update": packing.pad_fraction(mb, t.packing),
+                    "alpha_mean": distributed.mean_over_ranks(alpha),  # over the trajectories of all ranks
+                    "pad_frac_update": packing.pad_fraction(mb, t.packing, all_reduce),
                 }
             )
     return steps
@@ -309,31 +310,32 @@ def train_step(run: Run, step: int) -> dict:
     with run.timer.phase("update"):
         steps = update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)
     dt = time.perf_counter() - t0
-    valid = traj.response_mask
+    # every statistic over the whole rollout batch of all ranks: sequence or token means
+    valid, mean = traj.response_mask, distributed.mean_over_ranks
     rec = {
         "step": step,
-        "reward": float(all_reduce(traj.rewards.sum().reshape(1))[0]) / (len(traj.rewards) * run.world),
-        "response_len": float(valid.sum(-1).float().mean()),
-        "entropy": float(traj.entropy[valid].mean()),
-        "kept_frac": float(traj.token_mask[valid].float().mean()) if traj.token_mask is not None else 1.0,
-        "pad_frac_score": packing.pad_fraction(traj, run.cfg.train.packing),
+        "reward": mean(traj.rewards),
+        "response_len": mean(valid.sum(-1)),
+        "entropy": mean(traj.entropy, valid),
+        "kept_frac": mean(traj.token_mask, valid) if traj.token_mask is not None else 1.0,
+        "pad_frac_score": packing.pad_fraction(traj, run.cfg.train.packing, all_reduce),
         "tries": info.tries,
         "dropped_groups": info.dropped_groups,
         "skipped_steps": sum(s["skipped"] for s in steps),
         "grader_timeouts": info.grader.get("grader/timeouts", 0),
         "grader_errors": info.grader.get("grader/errors", 0) + info.grader.get("grader/crashes", 0),
         "step_seconds": dt,
-        "tokens_per_second": float(valid.sum()) * run.world / dt,
+        "tokens_per_second": float(all_reduce(valid.sum().reshape(1))[0]) / dt,
         **{f"time_{k}": v for k, v in run.timer.last().items()},
         **info.engine,  # vllm engine: push time, rollout tokens/s; and |logp_vllm - logp_old|:
         **mismatch_stats(traj),
     }
     if traj.kl is not None:
         dep = objective.dependency_scores(traj, run.cfg.algo.dependency)
-        rec.update(dep_mean=float(dep[valid].mean()), dep_max=float(dep[valid].max()))
-        rec["kl_mean"] = float(traj.kl[valid].mean())
-    for k in steps[0]:
-        if k != "skipped":
+        top = all_reduce(torch.where(valid, dep.float(), -torch.inf).max().reshape(1), "max")
+        rec.update(dep_mean=mean(dep, valid), dep_max=float(top[0]), kl_mean=mean(traj.kl, valid))
+    for k in steps[0]:  # the mean over the optimizer steps; kept_frac is the whole batch's above
+        if k not in ("skipped", "kept_frac"):
             rec[k] = sum(s[k] for s in steps) / len(steps)
     if rec["skipped_steps"] and run.rank == 0:
         log.warning(
