@@ -23,7 +23,8 @@ Departures from the paper / the released code (docs/algorithm.md lists them all)
     the resized image), so it keeps the clean image's grid exactly; the released code perturbs
     the PIL image before the processor, with cells that line up with the vision patches only
     when the image is already a multiple of 28 pixels on each side.
-  - Mini-batches are taken in rollout order (groups contiguous), not shuffled.
+  - Mini-batches are taken in rollout order (groups contiguous), not shuffled; train.balance_batch
+    re-partitions rows across ranks by length (rollout: the whole batch first, as released).
   - "seq" loss averaging is normalised by the global number of sequences (the analogue of the
     released token normalisation); the paper does not specify a multi-GPU normalisation.
   - The entropy penalty can use the exact entropy (entropy_mode=exact), free from the kernel.
@@ -255,11 +256,13 @@ def update(
     per_step = cfg.train.global_batch * cfg.rollout.n // world
     by_token = opts.objective.loss_agg == "token"
     steps = []
+    if t.balance_batch == "rollout":  # as released: the whole batch by length, then mini-batches in order
+        traj = packing.balance(traj, world, ids.pad, cfg.rollout.n)
     for _ in range(cfg.train.ppo_epochs):
         for m0 in range(0, len(traj), per_step):
             mb = traj.select(range(m0, m0 + per_step))
-            if t.balance_batch:  # the same global mini-batch, its rows re-partitioned by length
-                mb = packing.balance(mb, world, ids.pad)
+            if t.balance_batch == "minibatch":  # the same global mini-batch, its rows re-partitioned
+                mb = packing.balance(mb, world, ids.pad, cfg.rollout.n)
             adv, alpha = shape(cfg, mb)
             # the normaliser of this optimizer step: tokens (or sequences) over all ranks
             unit = lambda m: m.sum() if by_token else m.any(-1).sum()  # noqa: E731
