@@ -96,6 +96,23 @@ def test_step_stats_of_any_split_and_ranks_equal_the_whole_batch_stats(loss_agg)
         step_stats([{**whole, "new_stat": 1.0}], loss_agg)
 
 
+def test_token_scale_weights_only_the_entropy_term():
+    from vppo.objective import LossConfig, policy_loss
+
+    g = torch.Generator().manual_seed(2)
+    logp = -torch.rand(3, 5, generator=g)
+    valid = torch.arange(5)[None, :] < torch.tensor([5, 2, 4])[:, None]
+    args = (logp, logp - 0.1, torch.tensor([1.0, -1.0, 0.5]), None, valid)
+    cfg = LossConfig(loss_agg="seq", entropy_coef=0.5)
+    _, st = policy_loss(*args, cfg)
+    loss, _ = policy_loss(*args, cfg, loss_scale=2.0, token_scale=3.0)
+    assert float(loss) == pytest.approx(2.0 * st["pg_loss"] + 3.0 * 0.5 * st["entropy_loss"], rel=1e-6)
+    same, _ = policy_loss(*args, cfg, loss_scale=2.0)  # None: the loss_scale
+    assert float(same) == pytest.approx(2.0 * st["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="token_scale"):
+        policy_loss(*args, cfg, token_scale=-1.0)
+
+
 def _record(assets, tmp, rollout, monkeypatch, *extra):
     """(training-step record, per-optimizer-step stats) of vppo.train.train_step on the fixed batch."""
     import vppo.train as vt
@@ -124,9 +141,15 @@ def _assert_same(got: dict, ref: dict, what: str, skip=()):
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (what, k, got[k], v)
 
 
-def test_logged_statistics_do_not_depend_on_the_micro_batch_split(assets, rollout, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_agg", ["token", "seq"])
+def test_logged_statistics_do_not_depend_on_the_micro_batch_split(
+    assets, rollout, tmp_path, monkeypatch, loss_agg
+):
+    """With loss_agg=seq the loss and the gradient norm too: the entropy term is a token mean, so its
+    micro-batch share must count tokens, not sequences."""
     traj, _ = rollout
-    ref, ref_steps = _record(assets, tmp_path / "ref", rollout, monkeypatch, "train.micro_batch=4")
+    agg = f"algo.loss_agg={loss_agg}"
+    ref, ref_steps = _record(assets, tmp_path / "ref", rollout, monkeypatch, "train.micro_batch=4", agg)
     assert len(ref_steps) == 2
     # the statistics are real: clipping on both sides and the dual clip, a partial TGF mask
     for k in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "ppo_kl", "pg_loss", "kl_loss"):
@@ -146,9 +169,8 @@ def test_logged_statistics_do_not_depend_on_the_micro_batch_split(assets, rollou
         ("train.packing=true", "train.max_tokens_per_micro=50"),
     ):
         what = " ".join(extra)
-        rec, steps = _record(
-            assets, tmp_path / what.replace("=", "").replace(" ", "_"), rollout, monkeypatch, *extra
-        )
+        tmp = tmp_path / what.replace("=", "").replace(" ", "_")
+        rec, steps = _record(assets, tmp, rollout, monkeypatch, *extra, agg)
         packed = "train.packing=true" in extra
         skip = ("pad_frac_update", "pad_frac_score") if packed else ()
         _assert_same(rec, ref, what, skip)

@@ -414,6 +414,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     sampler_logp: torch.Tensor | None = None,
+    token_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The VPPO micro-batch loss (docs/algorithm.md section 4) -> (scalar loss, stats of detached floats).
 
@@ -424,10 +425,12 @@ def policy_loss(
     sampler_logp [B, T]: the sampling engine's log-probs, needed when cfg.tis_cap is set.
     Per token, r = exp(clamp(logp - old_logp)), l1 = -A r, l2 = -A clip(r, 1 - cl, 1 + ch),
     l3 = -A dual_clip, l = max(l1, l2) if A >= 0 else min(max(l1, l2), l3); the masked-out tokens
-    contribute 0 but stay in the denominator. loss = (pg + entropy_coef * H + kl_coef * KL) *
-    loss_scale, with H the token mean of -logp ("nll", released) or of the entropy ("exact") over
-    all valid tokens (not TGF-masked) and KL aggregated like pg. Values at invalid positions are
-    never read (they may be anything, even NaN).
+    contribute 0 but stay in the denominator. loss = (pg + kl_coef * KL) * loss_scale +
+    entropy_coef * H * token_scale, with H the token mean of -logp ("nll", released) or of the
+    entropy ("exact") over all valid tokens (not TGF-masked) and KL aggregated like pg. H is a token
+    mean whatever cfg.loss_agg: with "seq" loss_scale counts sequences and token_scale (None =
+    loss_scale) must count tokens, or the entropy term of the whole batch would depend on the split.
+    Values at invalid positions are never read (they may be anything, even NaN).
     """
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
@@ -448,8 +451,11 @@ def policy_loss(
         raise ValueError("ref_logp is required with kl_coef > 0")
     if ref_logp is not None:
         _check_float("ref_logp", ref_logp, 2, logp, "logp")
-    if not math.isfinite(float(loss_scale)) or float(loss_scale) < 0:
-        raise ValueError(f"loss_scale must be a finite number >= 0, got {loss_scale!r}")
+    if token_scale is None:
+        token_scale = loss_scale
+    for name, v in (("loss_scale", loss_scale), ("token_scale", token_scale)):
+        if not math.isfinite(float(v)) or float(v) < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if cfg.tis_cap is not None and sampler_logp is None:
         raise ValueError("sampler_logp is required with tis_cap (the sampling engine's log-probs)")
     if sampler_logp is not None:
@@ -480,7 +486,7 @@ def policy_loss(
         ent = _token_mean(-lp, valid)
     else:
         ent = _token_mean(entropy.float(), valid)
-    loss = pg + cfg.entropy_coef * ent
+    loss = pg
     kl = None
     if ref_logp is not None:
         kl_tok = kl_penalty(
@@ -493,7 +499,7 @@ def policy_loss(
         kl = _aggregate(kl_tok, valid, cfg.loss_agg)
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl
-    loss = loss * float(loss_scale)
+    loss = loss * float(loss_scale) + cfg.entropy_coef * ent * float(token_scale)
 
     with torch.no_grad():
         n = valid.sum().clamp_min(1).float()
@@ -603,6 +609,7 @@ def reference_loss(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     sampler_logp: torch.Tensor | None = None,
+    token_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole VPPO micro-batch loss from materialized logits [B, T, V] (any float dtype).
 
@@ -638,4 +645,5 @@ def reference_loss(
         ref_logp=ref_logp,
         loss_scale=loss_scale,
         sampler_logp=sampler_logp,
+        token_scale=token_scale,
     )

@@ -254,7 +254,7 @@ def update(
     """ppo_epochs passes of optimizer steps over one rank's scored batch; returns per-step stats."""
     t, micro, gas = cfg.train, cfg.train.micro_batch, engine.gradient_accumulation_steps()
     per_step = cfg.train.global_batch * cfg.rollout.n // world
-    by_token = opts.objective.loss_agg == "token"
+    u = 0 if opts.objective.loss_agg == "token" else 1  # the loss's unit: tokens (0) or sequences (1)
     steps = []
     if t.balance_batch == "rollout":  # as released: the whole batch by length, then mini-batches in order
         traj = packing.balance(traj, world, ids.pad, cfg.rollout.n)
@@ -264,22 +264,25 @@ def update(
             if t.balance_batch == "minibatch":  # the same global mini-batch, its rows re-partitioned
                 mb = packing.balance(mb, world, ids.pad, cfg.rollout.n)
             adv, alpha = shape(cfg, mb)
-            # the normaliser of this optimizer step: tokens (or sequences) over all ranks
-            unit = lambda m: m.sum() if by_token else m.any(-1).sum()  # noqa: E731
-            total = int(all_reduce(unit(mb.response_mask).double().reshape(1))[0])
+            # the normalisers of this optimizer step over all ranks: tokens, sequences
+            counts = lambda m: torch.stack([m.sum(), m.any(-1).sum()]).double()  # noqa: E731
+            totals = [int(x) for x in all_reduce(counts(mb.response_mask))]
             micro_stats, step_loss = [], 0.0
             parts = packing.micro_batches(mb, micro, **packing.pass_options(t, all_reduce))
             for k, idx in enumerate(parts):
                 part = mb.select(idx)
                 # DeepSpeed divides by the accumulation steps even with scale_wrt_gas=False (0.19's
                 # output hook), so the loss carries a factor gas that its documented division removes:
-                # the gradients sum to the global token mean whatever the micro-batch size
-                scale = objective.loss_scale(int(unit(part.response_mask)), total, world) * gas
+                # the gradients sum to the global token mean whatever the micro-batch size; the
+                # entropy term is a token mean even with loss_agg=seq (tscale counts tokens)
+                n = [int(x) for x in counts(part.response_mask)]
+                scale = objective.loss_scale(n[u], totals[u], world) * gas
+                tscale = objective.loss_scale(n[0], totals[0], world) * gas
                 fn = partial(
                     loss.vppo_loss_linear, labels=part.responses, old_logp=part.old_logp,
                     advantages=adv[idx], token_mask=part.token_mask,
                     response_mask=part.response_mask, opts=opts, ref_logp=part.ref_logp, loss_scale=scale,
-                    sampler_logp=part.sampler_logp,  # vllm engine: for algo.tis_cap
+                    sampler_logp=part.sampler_logp, token_scale=tscale,  # sampler_logp: for algo.tis_cap
                 )  # fmt: skip
                 packing.set_boundary(engine, k, len(parts), t.max_tokens_per_micro)
                 inputs = packing.update_inputs(engine.module.hf, part, ids, t.packing)  # padded or packed
