@@ -132,9 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     if all("tokens_per_second" in r for r in rows):
         res["vllm_over_hf"] = rows[1]["tokens_per_second"] / rows[0]["tokens_per_second"]
     (out / "rollout.json").write_text(json.dumps(res, indent=1) + "\n")
-    for r in rows:
-        line = f"{r['tokens_per_second']:.0f} tokens/s ({r['tokens']} tokens in {r['seconds']:.2f} s)"
-        print(f"rollout {r['engine']:>4}: {line if 'tokens' in r else r['unavailable']}", file=sys.stderr)
+    for r in rows:  # a missing engine has only `unavailable`, the reason
+        if "tokens_per_second" in r:
+            line = f"{r['tokens_per_second']:.0f} tokens/s ({r['tokens']} tokens in {r['seconds']:.2f} s)"
+        else:
+            line = f"unavailable: {r['unavailable']}"
+        print(f"rollout {r['engine']:>4}: {line}", file=sys.stderr)
     print(json.dumps(res))
     return res
 

@@ -186,9 +186,25 @@ def test_karmarkar_karp_equal_counts_balanced_sums():
     naive = [sum(sizes[i * 16 : (i + 1) * 16]) for i in range(4)]  # contiguous split
     assert max(sums) - min(sums) < max(naive) - min(naive)
     assert max(sums) - min(sums) <= max(sizes)
-    assert karmarkar_karp([5, 1, 4, 2], 2) in ([[0, 1], [2, 3]], [[2, 3], [0, 1]])
     with pytest.raises(ValueError):
         karmarkar_karp([1, 2, 3], 2)
+
+
+def test_karmarkar_karp_breaks_ties_as_the_released_trainer():
+    """Hand-worked with the released conventions (vppo.packing.karmarkar_karp's docstring); the
+    former descending-order version gave [[0, 1], [2, 3]] and [[0, 3, 4], [1, 2, 5]] here."""
+    from vppo.packing import karmarkar_karp
+
+    # ascending (size, index): 1@1 2@3 | 4@2 5@0 -> partials {3:2 | 1:1} and {0:5 | 2:4}, spread 1
+    # each; the tie pops the one whose heaviest group is heavier ({0:5}) first: {0,1}=6, {2,3}=6;
+    # equal sums and counts: ordered by members, (2, 4) > (0, 5), so rank 0 gets {2, 3}
+    assert karmarkar_karp([5, 1, 4, 2], 2) == [[2, 3], [0, 1]]
+    # 2@5 3@0 | 6@2 7@4 | 8@3 9@1: three partials of spread 1; {1:9 | 3:8} first, then {4:7 | 2:6}
+    # -> {1,2}=15, {3,4}=15, ordered {3,4} first (members (3, 8) > (1, 9)), spread 0; then the
+    # spread-1 partial {0:3 | 5:2} pops first and keeps its place: {0}+{1,2}=18, {5}+{3,4}=17
+    assert karmarkar_karp([3, 9, 6, 8, 7, 2], 2) == [[0, 1, 2], [3, 4, 5]]
+    # one batch: the i-th smallest in group i, the heaviest group first
+    assert karmarkar_karp([4, 4, 1], 3) == [[1], [0], [2]]
 
 
 def _optimizer_grads(assets, tmp, traj, *extra):
@@ -274,6 +290,55 @@ def test_two_gloo_ranks_with_balancing_match_one_process_and_shape_per_rank(asse
         assert abs(l0 - l1) <= int(traj.attention_mask.sum(-1).max())
         for mb, alpha in ((mb0, a0), (mb1, a1)):
             torch.testing.assert_close(alpha, shape(cfg, mb)[1])  # per-rank statistics
+
+
+def _tokens(t, i):  # the valid tokens of row i: a row's identity whatever its padding
+    return t.input_ids[i][t.attention_mask[i].bool()].tolist()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_balance_the_whole_rollout_batch_as_released(assets, tmp_path):
+    """train.balance_batch=rollout: the Karmarkar-Karp partition of the whole rollout batch (rows in
+    rollout order), rank r the r-th part in ascending position, then mini-batches in order."""
+    from vppo.packing import karmarkar_karp
+    from vppo.train import prepare
+
+    run = train_setup(assets, tmp_path / "gen")
+    traj, _ = prepare(run, 1)  # one process: the rows in rollout order
+    rollout = tmp_path / "rollout.pt"
+    torch.save({"batch": traj, "ids": run.ids}, rollout)
+    ov = train_overrides(assets, tmp_path / "w", "train.balance_batch=rollout")
+    got = _worker(tmp_path, 2, rollout, tmp_path / "two.pt", ov)
+    parts = karmarkar_karp(traj.attention_mask.sum(-1).tolist(), 2)
+    assert sorted(len(p) for p in parts) == [8, 8]
+    groups = lambda rows: {r // 4 for r in rows}  # noqa: E731  (rollout.n = 4)
+    assert any(groups(parts[0]) & groups(p) for p in parts[1:])  # this batch really splits a group
+    for rank in range(2):
+        for step in range(2):
+            mb, _ = got["shaped"][rank][step]
+            want = parts[rank][4 * step : 4 * step + 4]
+            assert [_tokens(mb, i) for i in range(len(mb))] == [_tokens(traj, i) for i in want], (rank, step)
+            torch.testing.assert_close(mb.advantages, traj.advantages[want])
+
+
+def test_balance_batch_rollout_balances_once_before_the_mini_batches(assets, tmp_path, monkeypatch):
+    from vppo import packing
+    from vppo.config import load_config
+    from vppo.train import prepare, update
+
+    assert load_config(None, ["train.balance_batch=true"]).train.balance_batch == "minibatch"
+    assert load_config(None, ["train.balance_batch=false"]).train.balance_batch == "none"
+    with pytest.raises(ValueError, match="train.balance_batch"):
+        load_config(None, ["train.balance_batch=all"])
+    run = train_setup(assets, tmp_path / "gen")
+    traj, _ = prepare(run, 1)
+    seen = []
+    monkeypatch.setattr(packing, "balance", lambda t, world, pad, group: seen.append((len(t), group)) or t)
+    for mode, want in (("none", []), ("minibatch", [(8, 4), (8, 4)]), ("rollout", [(16, 4)])):
+        seen.clear()
+        run = train_setup(assets, tmp_path / mode, f"train.balance_batch={mode}")
+        update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)
+        assert seen == want, mode
 
 
 def test_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path, monkeypatch, capsys):

@@ -181,11 +181,12 @@ class TrainConfig:
         "token budget of a micro-batch (scoring and update, rows filled by token count; same count on "
         "every rank); null = micro_batch / logprob_micro_batch rows",
     )
-    balance_batch: bool = _f(
-        False,
-        "Karmarkar-Karp partition of each mini-batch's rows across ranks by length before the update "
-        "(released _balance_batch): groups split across ranks, so per-rank TAS (shaping=released) sees the "
-        "balanced partition",
+    balance_batch: Literal["none", "minibatch", "rollout", False, True] = _f(
+        "none",
+        "Karmarkar-Karp partition of rows across ranks by length before the update, which splits prompt "
+        "groups across ranks (per-rank TAS, shaping=released, sees the balanced rows): none; minibatch "
+        "(each global mini-batch on its own; true is read as this); rollout (the whole rollout batch, "
+        "then mini-batches in order: the released _balance_batch); false = none",
     )
 
 
@@ -505,6 +506,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     )
     if t.total_steps is not None:
         _check(t.total_steps >= 1, "train.total_steps", "must be >= 1 or null", t.total_steps)
+    # the earlier boolean form of train.balance_batch stays valid
+    t.balance_batch = {True: "minibatch", False: "none"}.get(t.balance_batch, t.balance_batch)
     if t.max_tokens_per_micro is not None:
         _check(t.max_tokens_per_micro >= 1, "train.max_tokens_per_micro", "must be >= 1 or null",
                t.max_tokens_per_micro)  # fmt: skip

@@ -44,6 +44,16 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def mean_over_ranks(values: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The mean of `values` (at the positions `mask` keeps; all of them with None) over every rank's
+    tensor together: one all-reduce of (sum, count) in float64; 0.0 when no rank has a position.
+    A logged statistic is this, not the mean of per-rank means, so it does not depend on how the
+    rows are dealt to ranks."""
+    v = values.double() if mask is None else values.double()[mask.bool()]
+    s = all_reduce(torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]))
+    return float(s[0] / s[1]) if s[1] > 0 else 0.0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

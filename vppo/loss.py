@@ -136,6 +136,7 @@ def vppo_loss_linear(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     sampler_logp: torch.Tensor | None = None,
+    token_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VPPO micro-batch loss from the last hidden states and the lm_head weight.
 
@@ -143,7 +144,8 @@ def vppo_loss_linear(
     [N, H] rows already gathered at the N valid positions of response_mask (row-major order);
     weight: [V, H] lm_head weight (same dtype); labels: [B, T] sampled token ids (any value at
     invalid positions); opts: LossOptions; old_logp, advantages, token_mask, response_mask,
-    ref_logp, loss_scale, sampler_logp: as in `vppo.objective.policy_loss` (opts.objective is its cfg).
+    ref_logp, loss_scale, sampler_logp, token_scale: as in `vppo.objective.policy_loss` (opts.objective
+    is its cfg).
     Differentiable w.r.t. hidden and weight; returns (scalar loss, stats).
     """
     _check_opts(opts)
@@ -152,7 +154,9 @@ def vppo_loss_linear(
     logp, entropy = kernels.token_logprobs_linear(
         rows, weight, y, temperature=opts.temperature, impl=opts.impl
     )
-    extras = dict(ref_logp=ref_logp, loss_scale=loss_scale, sampler_logp=sampler_logp)
+    extras = dict(
+        ref_logp=ref_logp, sampler_logp=sampler_logp, loss_scale=loss_scale, token_scale=token_scale
+    )
     return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, **extras)
 
 
@@ -168,6 +172,7 @@ def vppo_loss(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     sampler_logp: torch.Tensor | None = None,
+    token_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VPPO micro-batch loss from logits [B, T, V] (or the gathered [N, V] valid rows) through
     `kernels.token_logprobs`; otherwise as `vppo_loss_linear`. Differentiable w.r.t. logits."""
@@ -175,7 +180,9 @@ def vppo_loss(
     valid, y = _check_common(labels, response_mask, "logits", logits)
     rows = logits[valid] if logits.dim() == 3 else logits  # (N, V)
     logp, entropy = kernels.token_logprobs(rows, y, temperature=opts.temperature, impl=opts.impl)  # (N,)
-    extras = dict(ref_logp=ref_logp, loss_scale=loss_scale, sampler_logp=sampler_logp)
+    extras = dict(
+        ref_logp=ref_logp, sampler_logp=sampler_logp, loss_scale=loss_scale, token_scale=token_scale
+    )
     return _finish(logp, entropy, old_logp, advantages, token_mask, response_mask, opts, **extras)
 
 

@@ -10,6 +10,8 @@ Pieces, in the order a training step uses them:
   policy_loss          clip-higher + dual-clip surrogate with the TGF token mask, entropy
                        penalty and optional KL -> (loss, stats)
   loss_scale           the micro-batch / rank factor that makes gradients sum to the global mean
+  step_stats           the logged statistics of an optimizer step: global means over all its
+                       micro-batches and ranks, each over the unit STAT_MEAN_OVER names
   reference_loss       the whole micro-batch loss from naive logits: the reference the fused
                        kernel path is checked against
 
@@ -412,6 +414,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     sampler_logp: torch.Tensor | None = None,
+    token_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The VPPO micro-batch loss (docs/algorithm.md section 4) -> (scalar loss, stats of detached floats).
 
@@ -422,10 +425,12 @@ def policy_loss(
     sampler_logp [B, T]: the sampling engine's log-probs, needed when cfg.tis_cap is set.
     Per token, r = exp(clamp(logp - old_logp)), l1 = -A r, l2 = -A clip(r, 1 - cl, 1 + ch),
     l3 = -A dual_clip, l = max(l1, l2) if A >= 0 else min(max(l1, l2), l3); the masked-out tokens
-    contribute 0 but stay in the denominator. loss = (pg + entropy_coef * H + kl_coef * KL) *
-    loss_scale, with H the token mean of -logp ("nll", released) or of the entropy ("exact") over
-    all valid tokens (not TGF-masked) and KL aggregated like pg. Values at invalid positions are
-    never read (they may be anything, even NaN).
+    contribute 0 but stay in the denominator. loss = (pg + kl_coef * KL) * loss_scale +
+    entropy_coef * H * token_scale, with H the token mean of -logp ("nll", released) or of the
+    entropy ("exact") over all valid tokens (not TGF-masked) and KL aggregated like pg. H is a token
+    mean whatever cfg.loss_agg: with "seq" loss_scale counts sequences and token_scale (None =
+    loss_scale) must count tokens, or the entropy term of the whole batch would depend on the split.
+    Values at invalid positions are never read (they may be anything, even NaN).
     """
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
@@ -446,8 +451,11 @@ def policy_loss(
         raise ValueError("ref_logp is required with kl_coef > 0")
     if ref_logp is not None:
         _check_float("ref_logp", ref_logp, 2, logp, "logp")
-    if not math.isfinite(float(loss_scale)) or float(loss_scale) < 0:
-        raise ValueError(f"loss_scale must be a finite number >= 0, got {loss_scale!r}")
+    if token_scale is None:
+        token_scale = loss_scale
+    for name, v in (("loss_scale", loss_scale), ("token_scale", token_scale)):
+        if not math.isfinite(float(v)) or float(v) < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if cfg.tis_cap is not None and sampler_logp is None:
         raise ValueError("sampler_logp is required with tis_cap (the sampling engine's log-probs)")
     if sampler_logp is not None:
@@ -478,7 +486,7 @@ def policy_loss(
         ent = _token_mean(-lp, valid)
     else:
         ent = _token_mean(entropy.float(), valid)
-    loss = pg + cfg.entropy_coef * ent
+    loss = pg
     kl = None
     if ref_logp is not None:
         kl_tok = kl_penalty(
@@ -491,7 +499,7 @@ def policy_loss(
         kl = _aggregate(kl_tok, valid, cfg.loss_agg)
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl
-    loss = loss * float(loss_scale)
+    loss = loss * float(loss_scale) + cfg.entropy_coef * ent * float(token_scale)
 
     with torch.no_grad():
         n = valid.sum().clamp_min(1).float()
@@ -510,6 +518,7 @@ def policy_loss(
             "clipfrac_dual",
             "kept_frac",
             "valid_tokens",
+            "valid_seqs",
         ]
         vals = [
             loss,
@@ -522,6 +531,7 @@ def policy_loss(
             frac(dual),
             frac(keep),
             valid.sum().float(),
+            valid.any(-1).sum().float(),
         ]
         if kl is not None:
             names.append("kl_loss")
@@ -531,6 +541,59 @@ def policy_loss(
             vals.append(_token_mean(tis, valid))
         stats = dict(zip(names, torch.stack([v.detach().float() for v in vals]).tolist()))
     return loss, stats
+
+
+# What each statistic of `policy_loss` is a mean over, the one definition the update's logged
+# statistics follow (vppo.train.update through `step_stats`): "token" = the valid response tokens,
+# "agg" = the unit of loss_agg (tokens with "token", non-empty sequences with "seq"), "count" = a
+# count that is added up. `loss` is None: the update logs the sum of the pre-scaled micro losses.
+STAT_MEAN_OVER: dict[str, str | None] = {
+    "loss": None,
+    "pg_loss": "agg",
+    "kl_loss": "agg",
+    "entropy_loss": "token",
+    "ppo_kl": "token",
+    "ratio_mean": "token",
+    "clipfrac_high": "token",
+    "clipfrac_low": "token",
+    "clipfrac_dual": "token",
+    "kept_frac": "token",
+    "tis_weight_mean": "token",
+    "valid_tokens": "count",
+    "valid_seqs": "count",
+}
+
+
+def step_stats(micro: list[dict[str, float]], loss_agg: str = "token", reduce: Reduce | None = None) -> dict:
+    """The statistics of one optimizer step from the `policy_loss` stats of its micro-batches on this
+    rank: each the mean over the whole global mini-batch (every micro-batch of every rank) of the unit
+    STAT_MEAN_OVER gives it, whatever the split, and the counts summed (valid_tokens, valid_seqs: the
+    step's global totals). Each micro mean is turned back into its sum (mean x count, in float64),
+    the sums and counts are all-reduced once (`reduce(t, "sum")`), then divided. `loss` is left out.
+    """
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if not micro:
+        raise ValueError("step_stats needs the stats of at least one micro-batch")
+    keys = list(micro[0])
+    unknown = [k for k in keys if k not in STAT_MEAN_OVER]
+    if unknown:  # a new statistic must say what it is a mean over
+        raise ValueError(f"statistics {unknown} have no entry in vppo.objective.STAT_MEAN_OVER")
+    for m in micro:
+        if list(m) != keys:
+            raise ValueError(f"micro-batch statistics differ in their keys: {sorted(set(m) ^ set(keys))}")
+    unit = {"token": "valid_tokens", "agg": "valid_tokens" if loss_agg == "token" else "valid_seqs"}
+    kept = [k for k in keys if STAT_MEAN_OVER[k] is not None]
+    weight = lambda m, k: 1.0 if STAT_MEAN_OVER[k] == "count" else m[unit[STAT_MEAN_OVER[k]]]  # noqa: E731
+    sums = torch.tensor([[m[k] * weight(m, k) for k in kept] for m in micro], dtype=torch.float64).sum(0)
+    if reduce is not None:
+        sums = reduce(sums, "sum")
+    total = dict(zip(kept, sums.tolist()))
+    out = {}
+    for k in kept:
+        kind = STAT_MEAN_OVER[k]
+        out[k] = total[k] if kind == "count" else total[k] / max(total[unit[kind]], 1.0)
+    return out
 
 
 def reference_loss(
@@ -546,6 +609,7 @@ def reference_loss(
     ref_logp: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     sampler_logp: torch.Tensor | None = None,
+    token_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole VPPO micro-batch loss from materialized logits [B, T, V] (any float dtype).
 
@@ -581,4 +645,5 @@ def reference_loss(
         ref_logp=ref_logp,
         loss_scale=loss_scale,
         sampler_logp=sampler_logp,
+        token_scale=token_scale,
     )

@@ -31,8 +31,9 @@ train.max_tokens_per_micro.
 
 `micro_batches` fills micro-batches by token count (train.max_tokens_per_micro) with the same
 number of micro-batches on every rank (ZeRO-2/3 run collectives per forward / backward), and
-`balance` re-partitions a mini-batch across ranks by sequence length (train.balance_batch,
-Karmarkar-Karp, as the released trainer's `_balance_batch`).
+`balance` re-partitions rows across ranks by sequence length (train.balance_batch: each global
+mini-batch, or the whole rollout batch as the released trainer's `_balance_batch`; the
+Karmarkar-Karp partition is the released one, ties included).
 """
 
 from __future__ import annotations
@@ -176,28 +177,61 @@ def micro_batches(
 # Length-balanced ranks.
 
 
+class _Partial:
+    """A partial solution of the largest-differencing method: `parts` groups, each [sum, members]
+    with members the (index, size) pairs in the order they joined, kept heaviest first."""
+
+    def __init__(self, groups: list[list]):
+        self.groups = groups
+        self._sort()
+
+    def _sort(self) -> None:
+        # heaviest first by (sum, count, members): a stable descending sort, so the order of the
+        # groups (and which rank gets which) matches the released trainer's, ties included
+        self.groups.sort(key=lambda g: (g[0], len(g[1]), g[1]), reverse=True)
+
+    def heaviest(self) -> tuple:
+        g = self.groups[0]
+        return g[0], len(g[1]), g[1]
+
+    def __lt__(self, other: _Partial) -> bool:  # the heap pops the largest spread first
+        a = self.groups[0][0] - self.groups[-1][0]
+        b = other.groups[0][0] - other.groups[-1][0]
+        if a != b:
+            return a > b
+        return self.heaviest() > other.heaviest()  # equal spread: the heavier largest group first
+
+    def merge(self, other: _Partial) -> None:  # heaviest of one with the lightest of the other
+        for g, h in zip(self.groups, reversed(other.groups)):
+            g[0] += h[0]
+            g[1].extend(h[1])
+        self._sort()
+
+
 def karmarkar_karp(sizes: list[int], parts: int) -> list[list[int]]:
     """Indices of `sizes` in `parts` groups of equal count (len(sizes) % parts == 0) with close
-    sums: the largest-differencing method. Items are taken in descending order, `parts` at a time,
-    each batch a partial solution of one item per group; the two partial solutions with the largest
-    spread (max - min sum) are merged repeatedly, the heaviest group of one joined with the lightest
-    of the other. Deterministic (ties broken by index); each group sorted ascending."""
+    sums: the largest-differencing method, with the released trainer's conventions (its
+    `_balance_batch` calls verl/utils/seqlen_balancing.py `get_seqlen_balanced_partitions(...,
+    equal_size=True)`, repository huaixuheqing/VPPO-RL), so a batch gets the same partition, in
+    the same rank order: items sorted ascending by (size, index) and taken `parts` at a time, the
+    i-th smallest of a batch into group i; the two partial solutions of largest spread merged
+    repeatedly (equal spreads: the one whose heaviest group is heavier first), the first popped
+    keeping its place; groups ordered heaviest first by (sum, count, members in joining order);
+    group r for rank r, its indices sorted ascending. Deterministic."""
     if parts < 1 or len(sizes) % parts:
         raise ValueError(f"{len(sizes)} items do not split into {parts} equal groups")
-    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
-    heap = []  # (-spread, tie, groups: list of (sum, [indices]) sorted by sum descending)
-    for t, s in enumerate(range(0, len(order), parts)):
-        groups = sorted(([sizes[i], [i]] for i in order[s : s + parts]), key=lambda g: -g[0])
-        heapq.heappush(heap, (-(groups[0][0] - groups[-1][0]), t, groups))
-    tie = len(heap)
-    while len(heap) > 1:
-        _, _, a = heapq.heappop(heap)
-        _, _, b = heapq.heappop(heap)
-        merged = [[ga[0] + gb[0], ga[1] + gb[1]] for ga, gb in zip(a, reversed(b))]
-        merged.sort(key=lambda g: -g[0])
-        heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), tie, merged))
-        tie += 1
-    return [sorted(g[1]) for g in heap[0][2]] if heap else [[] for _ in range(parts)]
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+    pq: list[_Partial] = []
+    for s in range(0, len(order), parts):  # pushed one by one in ascending order, as released
+        heapq.heappush(pq, _Partial([[sizes[i], [(i, sizes[i])]] for i in order[s : s + parts]]))
+    while len(pq) > 1:
+        a = heapq.heappop(pq)
+        b = heapq.heappop(pq)
+        a.merge(b)
+        heapq.heappush(pq, a)
+    if not pq:
+        return [[] for _ in range(parts)]
+    return [sorted(i for i, _ in g[1]) for g in pq[0].groups]
 
 
 def _pad_to(t: Trajectory, p: int, r: int, pad_id: int) -> dict:
@@ -237,14 +271,26 @@ def _cat(parts: list[Trajectory], pad_id: int) -> Trajectory:
     return Trajectory(**out)
 
 
-def balance(mb: Trajectory, world: int, pad_id: int) -> Trajectory:
-    """This rank's rows of the global mini-batch after a Karmarkar-Karp partition of all ranks'
-    rows by sequence length (valid tokens) into `world` equal-count parts: rank r keeps part r.
+def rollout_position(rank: int, row: int, world: int, group: int) -> int:
+    """Position in the global rollout batch of this rank's `row`, the rows coming in groups of
+    `group` (the n responses of a prompt) dealt to ranks round-robin, as `vppo.sampling.sample_batch`
+    deals prompts (global prompt p on rank p % world): the released trainer's batch order."""
+    return ((row // group) * world + rank) * group + row % group
 
-    Every rank holds len(mb) rows of the mini-batch before and after; the global mini-batch (its
-    rows, advantages, scores) is unchanged, only which rank holds which row, so groups are split
-    across ranks. Rows travel with every per-row field (token rows re-padded to the widest prompt
-    and response); the received rows are in (source rank, row) order."""
+
+def balance(mb: Trajectory, world: int, pad_id: int, group: int = 1) -> Trajectory:
+    """This rank's rows of a global batch (a mini-batch, or the whole rollout batch) after a
+    Karmarkar-Karp partition of all ranks' rows by sequence length (valid tokens) into `world`
+    equal-count parts (`karmarkar_karp`, the released partition): rank r keeps part r, its rows in
+    ascending rollout position (`rollout_position` with `group` = rollout.n), as the released
+    trainer reorders its batch and deals it in equal slices.
+
+    Every rank holds len(mb) rows before and after; the global batch (its rows, advantages,
+    scores) is unchanged, only which rank holds which row, so groups are split across ranks. Rows
+    travel with every per-row field (token rows re-padded to the widest prompt and response)."""
+    n = len(mb)
+    if group < 1 or n % group:
+        raise ValueError(f"{n} rows per rank are not whole groups of {group}")
     if world == 1:
         return mb
     import torch.distributed as dist
@@ -253,27 +299,35 @@ def balance(mb: Trajectory, world: int, pad_id: int) -> Trajectory:
     lengths = mb.attention_mask.sum(-1)
     every = [torch.zeros_like(lengths) for _ in range(world)]
     dist.all_gather(every, lengths)
-    sizes = torch.cat(every).tolist()
-    n = len(mb)
+    pos = [[rollout_position(r, i, world, group) for i in range(n)] for r in range(world)]
+    sizes = [0] * (n * world)
+    for r in range(world):
+        for i, size in enumerate(every[r].tolist()):
+            sizes[pos[r][i]] = size
     owner = [0] * len(sizes)
     for r, part in enumerate(karmarkar_karp(sizes, world)):
         for g in part:
             owner[g] = r
     # what this rank sends to each rank, then one scatter per source rank
-    outgoing = [mb.select([i for i in range(n) if owner[rank * n + i] == dst]) for dst in range(world)]
+    outgoing = [mb.select([i for i in range(n) if owner[pos[rank][i]] == dst]) for dst in range(world)]
     received = []
     for src in range(world):
         box = [None]
         dist.scatter_object_list(box, outgoing if src == rank else None, src=src)
         received.append(box[0])
-    return _cat(received, pad_id)
+    mine = [p for src in range(world) for p in pos[src] if owner[p] == rank]  # as received
+    return _cat(received, pad_id).select(sorted(range(len(mine)), key=mine.__getitem__))
 
 
-def pad_fraction(traj: Trajectory, packed: bool) -> float:
-    """Fraction of the positions a pass over traj computes that are padding (0 when packed)."""
+def pad_fraction(traj: Trajectory, packed: bool, reduce=None) -> float:
+    """Fraction of the positions a pass over traj computes that are padding (0 when packed); over
+    every rank's rows together when `reduce(tensor, "sum")` all-reduces (a logged statistic)."""
     if packed:
         return 0.0
-    return 1.0 - float(traj.attention_mask.sum()) / max(traj.attention_mask.numel(), 1)
+    a = traj.attention_mask
+    n = torch.tensor([float(a.sum()), float(a.numel())], dtype=torch.float64)
+    n = reduce(n, "sum") if reduce is not None else n
+    return 1.0 - float(n[0]) / max(float(n[1]), 1.0)
 
 
 def update_inputs(hf, part: Trajectory, ids, packed: bool):

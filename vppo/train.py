@@ -23,7 +23,8 @@ Departures from the paper / the released code (docs/algorithm.md lists them all)
     the resized image), so it keeps the clean image's grid exactly; the released code perturbs
     the PIL image before the processor, with cells that line up with the vision patches only
     when the image is already a multiple of 28 pixels on each side.
-  - Mini-batches are taken in rollout order (groups contiguous), not shuffled.
+  - Mini-batches are taken in rollout order (groups contiguous), not shuffled; train.balance_batch
+    re-partitions rows across ranks by length (rollout: the whole batch first, as released).
   - "seq" loss averaging is normalised by the global number of sequences (the analogue of the
     released token normalisation); the paper does not specify a multi-GPU normalisation.
   - The entropy penalty can use the exact entropy (entropy_mode=exact), free from the kernel.
@@ -48,7 +49,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import ProcessorMixin
 
-from vppo import bases, loss, objective, packing, spotlight
+from vppo import bases, distributed, loss, objective, packing, spotlight
 from vppo import data as vdata
 from vppo.checkpoint import CheckpointManager
 from vppo.config import Config, batch_numbers, check_loggers, config_from_args, format_derived, save_resolved
@@ -263,30 +264,35 @@ def update(
     """ppo_epochs passes of optimizer steps over one rank's scored batch; returns per-step stats."""
     t, micro, gas = cfg.train, cfg.train.micro_batch, engine.gradient_accumulation_steps()
     per_step = cfg.train.global_batch * cfg.rollout.n // world
-    by_token = opts.objective.loss_agg == "token"
+    u = 0 if opts.objective.loss_agg == "token" else 1  # the loss's unit: tokens (0) or sequences (1)
     steps = []
+    if t.balance_batch == "rollout":  # as released: the whole batch by length, then mini-batches in order
+        traj = packing.balance(traj, world, ids.pad, cfg.rollout.n)
     for _ in range(cfg.train.ppo_epochs):
         for m0 in range(0, len(traj), per_step):
             mb = traj.select(range(m0, m0 + per_step))
-            if t.balance_batch:  # the same global mini-batch, its rows re-partitioned by length
-                mb = packing.balance(mb, world, ids.pad)
+            if t.balance_batch == "minibatch":  # the same global mini-batch, its rows re-partitioned
+                mb = packing.balance(mb, world, ids.pad, cfg.rollout.n)
             adv, alpha = shape(cfg, mb)
-            # the normaliser of this optimizer step: tokens (or sequences) over all ranks
-            unit = lambda m: m.sum() if by_token else m.any(-1).sum()  # noqa: E731
-            total = int(all_reduce(unit(mb.response_mask).double().reshape(1))[0])
-            agg, step_loss = [], 0.0
+            # the normalisers of this optimizer step over all ranks: tokens, sequences
+            counts = lambda m: torch.stack([m.sum(), m.any(-1).sum()]).double()  # noqa: E731
+            totals = [int(x) for x in all_reduce(counts(mb.response_mask))]
+            micro_stats, step_loss = [], 0.0
             parts = packing.micro_batches(mb, micro, **packing.pass_options(t, all_reduce))
             for k, idx in enumerate(parts):
                 part = mb.select(idx)
                 # DeepSpeed divides by the accumulation steps even with scale_wrt_gas=False (0.19's
                 # output hook), so the loss carries a factor gas that its documented division removes:
-                # the gradients sum to the global token mean whatever the micro-batch size
-                scale = objective.loss_scale(int(unit(part.response_mask)), total, world) * gas
+                # the gradients sum to the global token mean whatever the micro-batch size; the
+                # entropy term is a token mean even with loss_agg=seq (tscale counts tokens)
+                n = [int(x) for x in counts(part.response_mask)]
+                scale = objective.loss_scale(n[u], totals[u], world) * gas
+                tscale = objective.loss_scale(n[0], totals[0], world) * gas
                 fn = partial(
                     loss.vppo_loss_linear, labels=part.responses, old_logp=part.old_logp,
                     advantages=adv[idx], token_mask=part.token_mask,
                     response_mask=part.response_mask, opts=opts, ref_logp=part.ref_logp, loss_scale=scale,
-                    sampler_logp=part.sampler_logp,  # vllm engine: for algo.tis_cap
+                    sampler_logp=part.sampler_logp, token_scale=tscale,  # sampler_logp: for algo.tis_cap
                 )  # fmt: skip
                 packing.set_boundary(engine, k, len(parts), t.max_tokens_per_micro)
                 inputs = packing.update_inputs(engine.module.hf, part, ids, t.packing)  # padded or packed
@@ -294,18 +300,19 @@ def update(
                 engine.backward(out)
                 engine.step()
                 step_loss += float(out.detach()) / gas
-                agg.append(stats)
+                micro_stats.append(stats)
             guard = engine.vppo_guard
             steps.append(
                 {
-                    **{k: sum(x[k] for x in agg) / len(agg) for k in agg[0]},
+                    # global means over every micro-batch and rank (vppo.objective.STAT_MEAN_OVER)
+                    **objective.step_stats(micro_stats, opts.objective.loss_agg, all_reduce),
                     # the loss of the whole global mini-batch (the micro losses are pre-scaled)
                     "loss": float(all_reduce(torch.tensor([step_loss], dtype=torch.float64))[0]) / world,
                     "grad_norm": guard.last_norm,
                     "lr": guard.last_lr,
                     "skipped": guard.last_skipped,
-                    "alpha_mean": float(alpha.mean()),
-                    "pad_frac_update": packing.pad_fraction(mb, t.packing),
+                    "alpha_mean": distributed.mean_over_ranks(alpha),  # over the trajectories of all ranks
+                    "pad_frac_update": packing.pad_fraction(mb, t.packing, all_reduce),
                 }
             )
     return steps
@@ -319,31 +326,32 @@ def train_step(run: Run, step: int) -> dict:
     with run.timer.phase("update"):
         steps = update(run.engine, traj, run.cfg, run.opts, run.ids, run.world)
     dt = time.perf_counter() - t0
-    valid = traj.response_mask
+    # every statistic over the whole rollout batch of all ranks: sequence or token means
+    valid, mean = traj.response_mask, distributed.mean_over_ranks
     rec = {
         "step": step,
-        "reward": float(all_reduce(traj.rewards.sum().reshape(1))[0]) / (len(traj.rewards) * run.world),
-        "response_len": float(valid.sum(-1).float().mean()),
-        "entropy": float(traj.entropy[valid].mean()),
-        "kept_frac": float(traj.token_mask[valid].float().mean()) if traj.token_mask is not None else 1.0,
-        "pad_frac_score": packing.pad_fraction(traj, run.cfg.train.packing),
+        "reward": mean(traj.rewards),
+        "response_len": mean(valid.sum(-1)),
+        "entropy": mean(traj.entropy, valid),
+        "kept_frac": mean(traj.token_mask, valid) if traj.token_mask is not None else 1.0,
+        "pad_frac_score": packing.pad_fraction(traj, run.cfg.train.packing, all_reduce),
         "tries": info.tries,
         "dropped_groups": info.dropped_groups,
         "skipped_steps": sum(s["skipped"] for s in steps),
         "grader_timeouts": info.grader.get("grader/timeouts", 0),
         "grader_errors": info.grader.get("grader/errors", 0) + info.grader.get("grader/crashes", 0),
         "step_seconds": dt,
-        "tokens_per_second": float(valid.sum()) * run.world / dt,
+        "tokens_per_second": float(all_reduce(valid.sum().reshape(1))[0]) / dt,
         **{f"time_{k}": v for k, v in run.timer.last().items()},
         **info.engine,  # vllm engine: push time, rollout tokens/s; and |logp_vllm - logp_old|:
         **mismatch_stats(traj),
     }
     if traj.kl is not None:
         dep = objective.dependency_scores(traj, run.cfg.algo.dependency)
-        rec.update(dep_mean=float(dep[valid].mean()), dep_max=float(dep[valid].max()))
-        rec["kl_mean"] = float(traj.kl[valid].mean())
-    for k in steps[0]:
-        if k != "skipped":
+        top = all_reduce(torch.where(valid, dep.float(), -torch.inf).max().reshape(1), "max")
+        rec.update(dep_mean=mean(dep, valid), dep_max=float(top[0]), kl_mean=mean(traj.kl, valid))
+    for k in steps[0]:  # the mean over the optimizer steps; kept_frac is the whole batch's above
+        if k not in ("skipped", "kept_frac"):
             rec[k] = sum(s[k] for s in steps) / len(steps)
     if rec["skipped_steps"] and run.rank == 0:
         log.warning(
