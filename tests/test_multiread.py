@@ -46,6 +46,6 @@ def test_answers_follow_from_the_read_values():
 def test_the_family_is_a_config_choice_with_its_own_base_config():
     assert load_config(None, ["data.synth=multiread"]).data.synth == "multiread"
     s, t = spotlight.variant("multiread")
-    assert s.tasks == synth.MULTIREAD_TASKS and t.synth == s and t.accept == (0.2, 0.3)
+    assert s.tasks == synth.MULTIREAD_TASKS and t.synth == s and t.accept == (0.35, 0.45)
     with pytest.raises(ValueError, match="unknown synthetic variant"):
         spotlight.variant("nope")
