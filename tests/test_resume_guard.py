@@ -28,8 +28,8 @@ def test_every_config_key_is_classified_once():
     """A new key must be put in RUN_DEFINING or RESUME_FREE (vppo/config.py) on purpose."""
     keys = set(fields_table())
     assert not RUN_DEFINING & RESUME_FREE, sorted(RUN_DEFINING & RESUME_FREE)
-    assert keys == RUN_DEFINING | RESUME_FREE, f"unclassified: {sorted(keys - RUN_DEFINING - RESUME_FREE)}, " \
-        f"unknown: {sorted((RUN_DEFINING | RESUME_FREE) - keys)}"  # fmt: skip
+    both = RUN_DEFINING | RESUME_FREE
+    assert keys == both, f"unclassified: {sorted(keys - both)}, unknown: {sorted(both - keys)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +65,8 @@ def _snapshot(d: Path) -> dict:
         (["model.path=/models/b"], ["model.path: '/models/a' -> '/models/b'"]),
         (["rollout.n=4"], ["rollout.n: 8 -> 4"]),
         (["algo.name=grpo", "algo.shaping=none", "algo.topk_ratio=1.0"],
-         ["algo.name: 'vppo' -> 'grpo'", "algo.topk_ratio: 0.4 -> 1.0", "algo.shaping: 'released' -> 'none'"]),
+         ["algo.name: 'vppo' -> 'grpo'", "algo.topk_ratio: 0.4 -> 1.0",
+          "algo.shaping: 'released' -> 'none'"]),
         (["train.seed=7"], ["train.seed: 1 -> 7"]),
         (["algo.perturbation=blur"], ["algo.perturbation: 'patch_blacken' -> 'blur'"]),
         (["train.global_batch=4"], ["train.global_batch: 8 -> 4"]),
@@ -88,8 +89,8 @@ def test_a_changed_run_defining_key_is_refused_naming_it_and_the_folder_is_untou
 def test_free_keys_and_a_longer_run_resume(tmp_path):
     out = _finished_run(tmp_path / "run")
     free = ["train.total_steps=5", "run.val_every=5", "run.plot_every=3", "run.watchdog_seconds=0",
-            "run.keep_last=4", "run.save_every=1", "run.tensorboard=false", "run.nvtx=true", "run.export_hf=false",
-            "model.gradient_checkpointing=true"]  # fmt: skip
+            "run.keep_last=4", "run.save_every=1", "run.tensorboard=false", "run.nvtx=true",
+            "run.export_hf=false", "model.gradient_checkpointing=true"]  # fmt: skip
     start = plan_start(_cfg(out, *free))
     assert start.resume == out / "checkpoints" / "step-00000003" and start.step == 3 and start.changes == {}
     with pytest.raises(RunFolderError, match=r"train.total_steps=2 is below the step .* \(.*step 3\)"):
@@ -132,7 +133,8 @@ def test_resume_never_into_a_run_is_refused_unless_overwrite_which_starts_clean(
         _cfg(out, "run.overwrite=true")  # overwrite without never: a config error
     start = open_run(_cfg(out, "run.resume=never", "run.overwrite=true", "train.seed=9"), rank=0)
     said = capsys.readouterr().out
-    assert start.resume is None and "run.overwrite=true: deleted checkpoints, metrics.jsonl, export in" in said, said
+    assert start.resume is None, start
+    assert "run.overwrite=true: deleted checkpoints, metrics.jsonl, export in" in said, said
     assert run_outputs(out) == [] and (out / "notes.txt").read_text() == "mine"  # only the run's own files
     assert load_config(out / "config.yaml").train.seed == 9
 
