@@ -43,6 +43,7 @@ from transformers import AutoModelForImageTextToText
 
 from vppo import spotlight, tiny
 from vppo.benchmarks import Benchmark, describe, load_benchmark, resolve_names
+from vppo.config import vllm_missing
 from vppo.data import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, load_processor, load_prompt_suffix
 from vppo.evaluate import (
     CACHE_VERSION,
@@ -154,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "known visual spans",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.engine == "vllm" and vllm_missing():  # before the benchmarks and the processor load
+        ap.error(vllm_missing().replace("rollout.engine=vllm", "--engine vllm"))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     for name in ("samples", "batch_size", "max_new_tokens"):
