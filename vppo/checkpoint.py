@@ -7,17 +7,23 @@
     state = ckpt.load(path, model=model, optimizer=opt)            # restores the RNG states too
 
 Layout: run_dir/checkpoints/step-00000020/ holds model.pt + optimizer.pt (or engine/, written by
-engine.save_checkpoint), trainer_state.pt (the caller's state: step counters, data-order
-position, metrics history), rng-rank{r}.pt (python / numpy / torch / cuda RNG of each rank) and
-meta.json, written last. A save goes into run_dir/checkpoints/.tmp-step-00000020, every file is
-fsynced, then the folder is renamed into place (atomic on POSIX) and the parent directory
-fsynced. A crash or an error at any point leaves the previous checkpoints untouched; only after
-the new one is complete are the ones beyond keep_last deleted (by listing the disk, so the
-limit holds across restarts). Leftover .tmp-* folders are never taken for checkpoints and are
-removed by the next save. Free space is checked before anything is written.
+engine.save_checkpoint), trainer_state.pt (the caller's state: step counters, data-order position,
+metrics history), rng-rank{r}.pt (python / numpy / torch / cuda RNG of each rank), config.yaml (the
+run's config, when the manager is given one) and meta.json, written last. A save goes into
+run_dir/checkpoints/.tmp-step-00000020, every file is fsynced, then the folder is renamed into place
+(atomic on POSIX) and the parent directory fsynced. A crash or an error at any point leaves the
+previous checkpoints untouched; only after the new one is complete are the ones beyond keep_last
+deleted (by listing the disk, so the limit holds across restarts). Leftover .tmp-* folders are never
+taken for checkpoints and are removed by the next save. Free space is checked before anything is
+written.
 
 Files are written with torch.save and read back with weights_only=False: load only checkpoints
 this code wrote.
+
+The run folder at start-up (open_run, before anything loads): a resume is refused when a
+run-defining key differs from the checkpoint's config.yaml (vppo.config.RUN_DEFINING) unless
+run.allow_config_change; run.resume=never into a folder holding a run is refused unless
+run.overwrite; an unwritable folder fails there, not at the first save.
 """
 
 from __future__ import annotations
@@ -438,10 +444,12 @@ class RunStart:
     previous_config: str | None = None
 
     def log_to(self, metrics) -> None:
-        """After metrics.truncate(step) of a resume: the change record at the resume step (one: a
-        record an earlier try at this same resume left behind is replaced)."""
+        """After metrics.truncate(step) of a resume, where metrics are written (rank 0): says where it
+        resumed, and logs the change record at the resume step (one: a record an earlier try at this
+        same resume left behind is replaced)."""
         if not metrics.enabled or self.resume is None:
             return
+        print(f"resumed from {self.resume} at step {self.step}", flush=True)
         hist = metrics.history()
         keep = [r for r in hist if not (r.get("step") == self.step and "config_change" in r)]
         if len(keep) != len(hist):
@@ -613,6 +621,9 @@ def open_run(cfg, rank: int, fill_defaults: Callable[[Any], None] | None = None)
     start = plan_start(cfg)
     run_dir = Path(cfg.run.output_dir)
     check_writable(run_dir, rank)  # every rank writes its own part of a checkpoint
+    if rank == 0:  # what a crash in the middle of an earlier deletion below left behind
+        for p in run_dir.glob(".deleting-*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     if rank == 0 and start.resume is None:
         outputs = run_outputs(run_dir)
         names = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]

@@ -167,9 +167,7 @@ def setup(cfg: Config) -> Run:
         apply_optimizer_config(engine, cfg.train)  # the config's lr, not the checkpoint's
         run.start, run.order.pos = state["step"], state["data_pos"]
         run.metrics.truncate(run.start)
-        start.log_to(run.metrics)  # run.allow_config_change: the change, at the resume step
-        if rank == 0:
-            print(f"resumed from {start.resume} at step {run.start}", flush=True)
+        start.log_to(run.metrics)  # rank 0: "resumed from ..."; an allowed config change, on record
     return run
 
 
@@ -378,6 +376,8 @@ def train(cfg: Config) -> dict:
         export_hf(
             run.engine, run.processor, Path(cfg.run.output_dir) / "export", rank, cfg.data.prompt_suffix
         )
+    if run.sampler is not None:  # vLLM: shut down before the process groups go (vllm_engine.close)
+        run.sampler.close()
     return last
 
 
