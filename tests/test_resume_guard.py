@@ -153,6 +153,16 @@ def test_auto_without_a_checkpoint(tmp_path, capsys):
     assert "deleted metrics.jsonl" in capsys.readouterr().out and not (out / "metrics.jsonl").exists()
 
 
+def test_leftovers_of_a_start_that_failed_early_do_not_block_the_next(tmp_path, capsys):
+    """TensorBoard logs alone (a start that died before its first step) are not a run: cleared, said."""
+    out = tmp_path / "run"
+    save_resolved(_cfg(out, "train.lr=1e-3"), out)
+    (out / "tb").mkdir()
+    (out / "tb" / "events.out").write_bytes(b"x")
+    assert open_run(_cfg(out), rank=0).resume is None  # another config, auto: nothing to mix
+    assert not (out / "tb").exists() and "deleted tb" in capsys.readouterr().out
+
+
 def test_unwritable_run_folder_fails_at_start_up(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -507,8 +507,8 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
     """Read-only: what a start of `cfg` in run.output_dir does with what is there; RunFolderError when
     it would mix runs. The rules:
 
-    - run.resume=never: a folder holding a run's outputs (run_outputs) is refused unless
-      run.overwrite=true (then open_run deletes them and the run starts clean);
+    - run.resume=never: a folder holding a run (checkpoints, metrics records or an export) is
+      refused unless run.overwrite=true (then open_run deletes them and the run starts clean);
     - a resume (auto: the newest good checkpoint; or a checkpoint path) compares the config that
       checkpoint was trained with (its config.yaml; the run folder's for checkpoints written before
       they held one) against cfg: a changed run-defining key (vppo.config.RUN_DEFINING) is refused,
@@ -523,9 +523,11 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
     u = cfg.run
     run_dir = Path(u.output_dir)
     outputs = run_outputs(run_dir)
+    # a run's results; TensorBoard logs, curves and samples alone are what a start that failed left
+    held = any(o.startswith(RUN_OUTPUTS[:3]) for o in outputs)
     new_folder = "a new run.output_dir"
-    if u.resume == "never" or (u.resume != "auto" and outputs and not _same_folder(u.resume, run_dir)):
-        if outputs and not u.overwrite:
+    if u.resume == "never" or (u.resume != "auto" and held and not _same_folder(u.resume, run_dir)):
+        if held and not u.overwrite:
             raise RunFolderError(
                 f"run.output_dir={u.output_dir} holds a run ({'; '.join(outputs)}) and run.resume={u.resume} "
                 f"would start another one in it, mixing the two. Use {new_folder}, run.resume=auto to "
@@ -538,7 +540,7 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
     if ckpt is None:
         saved = _read_config(run_dir / CONFIG)
         changes = config_changes(saved, cfg, unfilled_ok=unfilled_ok) if saved is not None else {}
-        if outputs and (saved is None or changes):
+        if held and (saved is None or changes):
             why = "no config.yaml" if saved is None else "a different config: " + ", ".join(changes)
             raise RunFolderError(
                 f"run.output_dir={u.output_dir} holds a run with no checkpoint to resume and {why} "
@@ -629,8 +631,8 @@ def open_run(cfg, rank: int, fill_defaults: Callable[[Any], None] | None = None)
         names = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
         if cfg.run.overwrite:
             names += [p.name for p in run_dir.glob("config.step-*.yaml")]
-        else:  # auto, no checkpoint, same config: a start that died before its first save
-            names = [n for n in ("metrics.jsonl", "tb") if n in names]
+        else:  # auto, no checkpoint, same config (or only these): a start that died before its first save
+            names = [n for n in ("metrics.jsonl", "tb", "curves.png", "spotlight") if n in names]
         for n in names:
             doomed = run_dir / f".deleting-{n}"  # renamed first: a crash mid-delete leaves no half run
             os.rename(run_dir / n, doomed)
