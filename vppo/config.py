@@ -102,7 +102,9 @@ class RolloutConfig:
     val_top_k: int = _f(50, "validation top_k (0 = off)")
     engine: Literal["hf", "vllm"] = _f("hf", "sampling engine: hf (transformers generate) or vllm")
     gpu_memory_utilization: float = _f(0.5, "vllm: fraction of GPU memory for weights + KV cache")
-    tensor_parallel_size: int = _f(1, "vllm: GPUs per engine (1 = one engine per rank)")
+    tensor_parallel_size: int = _f(
+        1, "vllm: GPUs per engine (1 = one engine per rank); divides the world size and the model's heads"
+    )
     vllm_sleep: bool = _f(True, "vllm: sleep (level 1) between rollouts where the platform supports it")
 
 
@@ -145,7 +147,8 @@ class AlgoConfig:
     kl_coef: float = _f(0.0, "KL-to-reference coefficient (low_var_kl); 0 = no reference model")
     tis_cap: float | None = _f(
         None, "truncated importance sampling of the policy term, weight min(pi_old / pi_vllm, cap): "
-        "corrects the sampling engine's mismatch (rollout.engine=vllm, rollout.temperature=1); null = off"
+        "corrects the sampling engine's mismatch (rollout.engine=vllm, rollout.temperature=1); >= 1 (a cap "
+        "below 1 would shrink every token's term); null = off"
     )  # fmt: skip
 
 
