@@ -231,7 +231,8 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 # Resume: which keys define a run. A resume compares the config its checkpoint was trained with
 # against the new one (vppo.checkpoint.open_run) and refuses a changed run-defining key unless
 # run.allow_config_change=true. Every key is in exactly one of the two sets (tests/test_resume_guard.py
-# fails on a key in neither); at run time a key in neither counts as run-defining.
+# fails on a key in neither); at run time a key in neither counts as run-defining. model.base,
+# model.tiny_family, data.format and run.loggers are keys of branches merged beside this one.
 
 # Keys that cannot change a number the run computes or logs: cadence, retention and sinks of the
 # outputs, the run's length, and memory knobs that recompute the same operations.
@@ -242,7 +243,7 @@ RESUME_FREE = frozenset({
     "train.epochs", "train.total_steps",  # the run's length (the learning rate has no decay schedule)
     "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change",
     "run.save_every", "run.keep_last", "run.plot_every", "run.val_every", "run.watchdog_seconds",
-    "run.export_hf", "run.tensorboard", "run.nvtx",
+    "run.export_hf", "run.tensorboard", "run.nvtx", "run.loggers",
 })  # fmt: skip
 
 # Everything else: what the run learns from and how (model, data, sampling, algorithm, batch sizes,
@@ -250,8 +251,9 @@ RESUME_FREE = frozenset({
 # here too: they change results by rounding (and train.micro_batch is the per-micro-batch TAS window
 # of algo.shaping=released); change them deliberately with run.allow_config_change=true.
 RUN_DEFINING = frozenset({
-    "model.path", "model.dtype", "model.attn_impl", "model.liger", "model.freeze_vision",
-    "data.train", "data.val", "data.image_dir", "data.problem_key", "data.answer_key", "data.image_key",
+    "model.path", "model.dtype", "model.attn_impl", "model.liger", "model.freeze_vision", "model.base",
+    "model.tiny_family", "data.format", "data.train", "data.val", "data.image_dir", "data.problem_key",
+    "data.answer_key", "data.image_key",
     "data.prompt_suffix", "data.min_pixels", "data.max_pixels", "data.max_prompt_len", "data.shuffle",
     "data.synth",
     "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_len",

@@ -102,9 +102,12 @@ def resolve_defaults(cfg: Config) -> None:
     if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
         synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (data.synth)
         synth = ensure_synth_data(synth_cfg)
-        cfg.model.path = cfg.model.path or str(ensure_tiny_model(tiny_cfg))  # built only when null
-        cfg.data.train = cfg.data.train or str(synth / "train.parquet")
-        cfg.data.val = cfg.data.val or str(synth / "val.parquet")
+        if cfg.model.path is None:
+            cfg.model.path = str(ensure_tiny_model(tiny_cfg))
+        if cfg.data.train is None:
+            cfg.data.train = str(synth / "train.parquet")
+        if cfg.data.val is None:
+            cfg.data.val = str(synth / "val.parquet")
 
 
 def setup(cfg: Config) -> Run:
