@@ -1053,8 +1053,9 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
 def config_from_args(
     argv: list[str] | None = None, prog: str | None = None, description: str | None = None
 ) -> Config:
-    """Parse the command line into a Config; bad keys or values, YAML syntax errors and data or
-    model sources that cannot be loaded (check_sources) exit with a one-line message (status 2).
+    """Parse the command line into a Config; bad keys or values, YAML syntax errors, data or model
+    sources that cannot be loaded (check_sources) and a vLLM engine that cannot start (check_engine)
+    exit with a one-line message (status 2).
     --print-config prints and exits before the sources are checked (it needs no data)."""
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
