@@ -7,17 +7,23 @@
     state = ckpt.load(path, model=model, optimizer=opt)            # restores the RNG states too
 
 Layout: run_dir/checkpoints/step-00000020/ holds model.pt + optimizer.pt (or engine/, written by
-engine.save_checkpoint), trainer_state.pt (the caller's state: step counters, data-order
-position, metrics history), rng-rank{r}.pt (python / numpy / torch / cuda RNG of each rank) and
-meta.json, written last. A save goes into run_dir/checkpoints/.tmp-step-00000020, every file is
-fsynced, then the folder is renamed into place (atomic on POSIX) and the parent directory
-fsynced. A crash or an error at any point leaves the previous checkpoints untouched; only after
-the new one is complete are the ones beyond keep_last deleted (by listing the disk, so the
-limit holds across restarts). Leftover .tmp-* folders are never taken for checkpoints and are
-removed by the next save. Free space is checked before anything is written.
+engine.save_checkpoint), trainer_state.pt (the caller's state: step counters, data-order position,
+metrics history), rng-rank{r}.pt (python / numpy / torch / cuda RNG of each rank), config.yaml (the
+run's config, when the manager is given one) and meta.json, written last. A save goes into
+run_dir/checkpoints/.tmp-step-00000020, every file is fsynced, then the folder is renamed into place
+(atomic on POSIX) and the parent directory fsynced. A crash or an error at any point leaves the
+previous checkpoints untouched; only after the new one is complete are the ones beyond keep_last
+deleted (by listing the disk, so the limit holds across restarts). Leftover .tmp-* folders are never
+taken for checkpoints and are removed by the next save. Free space is checked before anything is
+written.
 
 Files are written with torch.save and read back with weights_only=False: load only checkpoints
 this code wrote.
+
+The run folder at start-up (open_run, before anything loads): a resume is refused when a
+run-defining key differs from the checkpoint's config.yaml (vppo.config.RUN_DEFINING) unless
+run.allow_config_change; run.resume=never into a folder holding a run is refused unless
+run.overwrite; an unwritable folder fails there, not at the first save.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +145,9 @@ class CheckpointManager:
         when initialised); rank 0 creates, renames and prunes, every rank writes its RNG state
         and, for DeepSpeed, its shards;
     free_margin: extra fraction of the expected size that must be free (0.1 = 10 %);
-    min_free_bytes: overrides the expected size when set.
+    min_free_bytes: overrides the expected size when set;
+    config: the run's resolved config (YAML text), written into every checkpoint as config.yaml: what
+        a resume of that checkpoint compares the new config with (open_run).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class CheckpointManager:
         barrier: Callable[[], None] | None = None,
         free_margin: float = 0.1,
         min_free_bytes: int | None = None,
+        config: str | None = None,
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -158,6 +168,7 @@ class CheckpointManager:
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self.barrier = barrier or _default_barrier
         self.free_margin, self.min_free_bytes = free_margin, min_free_bytes
+        self.config = config
 
     # -- listing ----------------------------------------------------------------------------------
 
@@ -298,6 +309,8 @@ class CheckpointManager:
                 if optimizer is not None:
                     _save(optimizer.state_dict(), tmp / "optimizer.pt")
                 _save({"step": step, **(state or {})}, tmp / "trainer_state.pt")
+                if self.config is not None:
+                    (tmp / CONFIG).write_text(self.config)  # fsynced with the rest below
         except BaseException as e:
             # No barrier here: with several ranks, one failing rank leaves the others waiting in the
             # next collective; the run stops either way and the previous checkpoint is intact.
@@ -404,3 +417,239 @@ class CheckpointManager:
                 )
             set_rng_state(torch.load(rng, weights_only=False))
         return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder at start-up: resume only the same run, never mix two (vppo.train.setup).
+
+CONFIG = "config.yaml"  # the run folder's resolved config; each checkpoint holds its own copy too
+# what vppo.train writes into a run folder (run.overwrite deletes these and nothing else)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "export", "tb", "curves.png", "spotlight")
+
+
+class RunFolderError(ValueError):
+    """A start that would mix two runs in one folder, or a folder the run cannot write; refused
+    before anything loads, with nothing in the folder changed."""
+
+
+@dataclass
+class RunStart:
+    """What open_run decided: the checkpoint to resume (None: step 0), its step, the run-defining
+    changes let through by run.allow_config_change ({key: (old, new)}) and where the old config was
+    kept."""
+
+    resume: Path | None = None
+    step: int = 0
+    changes: dict = field(default_factory=dict)
+    previous_config: str | None = None
+
+    def log_to(self, metrics) -> None:
+        """After metrics.truncate(step) of a resume, where metrics are written (rank 0): says where it
+        resumed, and logs the change record at the resume step (one: a record an earlier try at this
+        same resume left behind is replaced)."""
+        if not metrics.enabled or self.resume is None:
+            return
+        print(f"resumed from {self.resume} at step {self.step}", flush=True)
+        hist = metrics.history()
+        keep = [r for r in hist if not (r.get("step") == self.step and "config_change" in r)]
+        if len(keep) != len(hist):
+            metrics.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if self.changes:
+            change = {k: [old, new] for k, (old, new) in self.changes.items()}
+            metrics.log({"step": self.step, "config_change": change, "previous_config": self.previous_config})
+
+
+def apply_optimizer_config(engine: Any, t: Any) -> None:
+    """train.lr / betas / weight_decay (t = cfg.train) into a resumed engine's optimizer and warm-up
+    schedule: loading a checkpoint restores the values it was saved with, which would silently outlive
+    a change let through by run.allow_config_change (a no-op when nothing changed)."""
+    opt, sched = engine.vppo_guard, engine.lr_scheduler  # vppo.model.build_engine's
+    for g in opt.param_groups:
+        g.update(betas=tuple(t.betas), weight_decay=t.weight_decay, initial_lr=t.lr)
+    if sched is not None:
+        sched.base_lrs = [t.lr] * len(opt.param_groups)
+        for g, lam in zip(opt.param_groups, sched.lr_lambdas):
+            g["lr"] = t.lr * lam(sched.last_epoch)  # what the schedule's next step would have set
+
+
+def run_outputs(run_dir: str | os.PathLike) -> list[str]:
+    """The RUN_OUTPUTS present in run_dir (metrics.jsonl only when it has a record, checkpoints only
+    when it has a step folder), with what they hold."""
+    d, out = Path(run_dir), []
+    if not d.is_dir():
+        return out
+    steps = sorted(p.name for p in (d / "checkpoints").glob(f"{PREFIX}*") if p.is_dir())
+    if steps:
+        out.append(f"checkpoints/ ({', '.join(steps)})")
+    m = d / "metrics.jsonl"
+    if m.is_file() and m.stat().st_size:
+        from vppo.metrics import read_metrics
+
+        got = sorted({r.get("step") for r in read_metrics(m) if isinstance(r.get("step"), int)})
+        out.append(f"metrics.jsonl (steps {got[0]}-{got[-1]})" if got else "metrics.jsonl")
+    out += [f"{n}/" if (d / n).is_dir() else n for n in RUN_OUTPUTS[2:] if (d / n).exists()]
+    return out
+
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _fmt(v: Any) -> str:
+    return "null" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
+    """Read-only: what a start of `cfg` in run.output_dir does with what is there; RunFolderError when
+    it would mix runs. The rules:
+
+    - run.resume=never: a folder holding a run (checkpoints, metrics records or an export) is
+      refused unless run.overwrite=true (then open_run deletes them and the run starts clean);
+    - a resume (auto: the newest good checkpoint; or a checkpoint path) compares the config that
+      checkpoint was trained with (its config.yaml; the run folder's for checkpoints written before
+      they held one) against cfg: a changed run-defining key (vppo.config.RUN_DEFINING) is refused,
+      naming every key, unless run.allow_config_change=true; train.total_steps may grow, not fall
+      below the checkpoint's step;
+    - auto with no checkpoint: outputs of the same config are a start that never reached its first
+      checkpoint (its records are redone: open_run drops them); of another config, refused as with
+      never.
+    """
+    from vppo.config import config_changes
+
+    u = cfg.run
+    run_dir = Path(u.output_dir)
+    outputs = run_outputs(run_dir)
+    # a run's results; TensorBoard logs, curves and samples alone are what a start that failed left
+    held = any(o.startswith(RUN_OUTPUTS[:3]) for o in outputs)
+    new_folder = "a new run.output_dir"
+    if u.resume == "never" or (u.resume != "auto" and held and not _same_folder(u.resume, run_dir)):
+        if held and not u.overwrite:
+            raise RunFolderError(
+                f"run.output_dir={u.output_dir} holds a run ({'; '.join(outputs)}) and run.resume={u.resume} "
+                f"would start another one in it, mixing the two. Use {new_folder}, run.resume=auto to "
+                "continue that run, or run.overwrite=true (with run.resume=never) to delete it and start "
+                "clean. Nothing was changed."
+            )
+        if u.resume == "never":
+            return RunStart()
+    ckpt = CheckpointManager(run_dir).resolve_resume(u.resume)
+    if ckpt is None:
+        saved = _read_config(run_dir / CONFIG)
+        changes = config_changes(saved, cfg, unfilled_ok=unfilled_ok) if saved is not None else {}
+        if held and (saved is None or changes):
+            why = "no config.yaml" if saved is None else "a different config: " + ", ".join(changes)
+            raise RunFolderError(
+                f"run.output_dir={u.output_dir} holds a run with no checkpoint to resume and {why} "
+                f"({'; '.join(outputs)}). Use {new_folder}, or run.resume=never run.overwrite=true to delete "
+                "it and start clean. Nothing was changed."
+            )
+        return RunStart()
+    step = CheckpointManager.step_of(ckpt)
+    saved = _read_config(ckpt / CONFIG)
+    source = ckpt / CONFIG
+    if saved is None:  # a checkpoint written before checkpoints held their config
+        source = ckpt.parent.parent / CONFIG
+        saved = _read_config(source)
+    if saved is None:
+        if not u.allow_config_change:
+            raise RunFolderError(
+                f"resuming {ckpt}: neither it nor its run folder has a {CONFIG} to compare the new config "
+                f"with. Use {new_folder} to start a new run, or run.allow_config_change=true to resume it "
+                "with this config. Nothing was changed."
+            )
+        log.warning("resuming %s with no saved config to compare (run.allow_config_change=true)", ckpt)
+        return RunStart(ckpt, step)
+    t = cfg.train.total_steps
+    if t is not None and t < step:
+        raise RunFolderError(
+            f"train.total_steps={t} is below the step of the checkpoint it would resume ({ckpt}, step "
+            f"{step}): set train.total_steps >= {step}, or use {new_folder}. Nothing was changed."
+        )
+    changes = config_changes(saved, cfg, unfilled_ok=unfilled_ok)
+    kept = f"config.step-{step:08d}.yaml"
+    if changes and not u.allow_config_change:
+        lines = "\n".join(f"  {k}: {_fmt(old)} -> {_fmt(new)}" for k, (old, new) in changes.items())
+        raise RunFolderError(
+            f"run.output_dir={u.output_dir}: resuming {ckpt.name} (step {step}) with a config that changes "
+            f"what the run is; {source} has (old -> new):\n{lines}\n"
+            f"To train with these values, start a new run ({new_folder}, or run.resume=never "
+            "run.overwrite=true to replace this one); to continue this run with them, add "
+            f"run.allow_config_change=true (the change is logged in metrics.jsonl at step {step} and the "
+            f"old config kept as {kept}). Nothing was changed."
+        )
+    return RunStart(ckpt, step, changes, kept if changes else None)
+
+
+def _same_folder(resume: str, run_dir: Path) -> bool:
+    """Whether the checkpoint path run.resume names lies in run_dir."""
+    try:
+        here, there = run_dir.resolve(), Path(resume).resolve()
+        return there == here or here in there.parents
+    except OSError:
+        return False
+
+
+def check_writable(run_dir: Path, rank: int = 0) -> None:
+    """The run folder and its checkpoints/ exist (made here) and take a file; else RunFolderError
+    naming the folder (at start-up, not at the first save after hours of steps)."""
+    for d in (run_dir, run_dir / "checkpoints"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write-test-rank{rank}-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise RunFolderError(
+                f"cannot write to {d} ({e.strerror or e}): the run needs it for its config, metrics and "
+                "checkpoints; pick a writable run.output_dir"
+            ) from None
+
+
+def open_run(cfg, rank: int, fill_defaults: Callable[[Any], None] | None = None) -> RunStart:
+    """Start-up of a run folder, before anything loads: plan_start (before and after fill_defaults
+    fills the tiny base / synthetic set into cfg), a writable folder, then on rank 0 the writes:
+    run.overwrite deletes the old run's outputs (saying which), a start without a checkpoint drops
+    records of an attempt that never reached one, an allowed config change keeps the old config as
+    config.step-N.yaml, and config.yaml gets cfg. Every rank reads the same folder before any write."""
+    from vppo.config import save_resolved
+
+    plan_start(cfg, unfilled_ok=True)  # refuse what it can before building the tiny base
+    if fill_defaults is not None:
+        fill_defaults(cfg)
+    start = plan_start(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    check_writable(run_dir, rank)  # every rank writes its own part of a checkpoint
+    if rank == 0:  # what a crash in the middle of an earlier deletion below left behind
+        for p in run_dir.glob(".deleting-*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if rank == 0 and start.resume is None:
+        outputs = run_outputs(run_dir)
+        names = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
+        if cfg.run.overwrite:
+            names += [p.name for p in run_dir.glob("config.step-*.yaml")]
+        else:  # auto, no checkpoint, same config (or only these): a start that died before its first save
+            names = [n for n in ("metrics.jsonl", "tb", "curves.png", "spotlight") if n in names]
+        for n in names:
+            doomed = run_dir / f".deleting-{n}"  # renamed first: a crash mid-delete leaves no half run
+            os.rename(run_dir / n, doomed)
+            shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
+        if names:
+            why = (
+                "run.overwrite=true" if cfg.run.overwrite else "no checkpoint to resume, the steps are redone"
+            )
+            print(
+                f"{why}: deleted {', '.join(names)} in {run_dir} (it held {'; '.join(outputs)})", flush=True
+            )
+    if rank == 0 and start.changes:
+        old = start.resume / CONFIG  # the config the checkpoint was trained with
+        shutil.copyfile(old if old.is_file() else run_dir / CONFIG, run_dir / start.previous_config)
+        lines = ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in start.changes.items())
+        log.warning("run.allow_config_change=true: resuming step %d with %s (old config kept as %s)",
+                    start.step, lines, start.previous_config)  # fmt: skip
+    if rank == 0:
+        save_resolved(cfg, run_dir)
+    return start

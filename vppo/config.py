@@ -112,7 +112,9 @@ class RolloutConfig:
     val_top_k: int = _f(50, "validation top_k (0 = off)")
     engine: Literal["hf", "vllm"] = _f("hf", "sampling engine: hf (transformers generate) or vllm")
     gpu_memory_utilization: float = _f(0.5, "vllm: fraction of GPU memory for weights + KV cache")
-    tensor_parallel_size: int = _f(1, "vllm: GPUs per engine (1 = one engine per rank)")
+    tensor_parallel_size: int = _f(
+        1, "vllm: GPUs per engine (1 = one engine per rank); divides the world size and the model's heads"
+    )
     vllm_sleep: bool = _f(True, "vllm: sleep (level 1) between rollouts where the platform supports it")
 
 
@@ -155,7 +157,8 @@ class AlgoConfig:
     kl_coef: float = _f(0.0, "KL-to-reference coefficient (low_var_kl); 0 = no reference model")
     tis_cap: float | None = _f(
         None, "truncated importance sampling of the policy term, weight min(pi_old / pi_vllm, cap): "
-        "corrects the sampling engine's mismatch (rollout.engine=vllm, rollout.temperature=1); null = off"
+        "corrects the sampling engine's mismatch (rollout.engine=vllm, rollout.temperature=1); >= 1 (a cap "
+        "below 1 would shrink every token's term); null = off"
     )  # fmt: skip
 
 
@@ -220,6 +223,15 @@ class RunConfig:
         None, "deprecated, use run.loggers: true adds tensorboard to it, false removes it; null = leave it"
     )
     nvtx: bool = _f(False, "NVTX ranges around each phase")
+    # the resume guard (vppo.checkpoint.open_run; RUN_DEFINING / RESUME_FREE below)
+    overwrite: bool = _f(
+        False, "with run.resume=never: delete the run already in output_dir (checkpoints, metrics, export, "
+        "logs, config) and start clean; without it such a start is refused"
+    )  # fmt: skip
+    allow_config_change: bool = _f(
+        False, "resume although a run-defining key changed (RUN_DEFINING in vppo/config.py): the change is "
+        "logged in metrics.jsonl at the resume step and the old config kept as config.step-N.yaml"
+    )  # fmt: skip
 
 
 @dataclass
@@ -233,6 +245,73 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: which keys define a run. A resume compares the config its checkpoint was trained with
+# against the new one (vppo.checkpoint.open_run) and refuses a changed run-defining key unless
+# run.allow_config_change=true. Every key is in exactly one of the two sets (tests/test_resume_guard.py
+# fails on a key in neither); at run time a key in neither counts as run-defining. model.base,
+# model.tiny_family, data.format and run.loggers are keys of branches merged beside this one.
+
+# Keys that cannot change a number the run computes or logs: cadence, retention and sinks of the
+# outputs, the run's length, and memory knobs that recompute the same operations.
+RESUME_FREE = frozenset({
+    "model.gradient_checkpointing",  # the same forward recomputed in the backward
+    "data.strict",  # a broken row stops the run instead of being skipped: the rows kept are the same
+    "rollout.vllm_sleep",  # weights parked in host memory between rollouts
+    "train.epochs", "train.total_steps",  # the run's length (the learning rate has no decay schedule)
+    "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change",
+    "run.save_every", "run.keep_last", "run.plot_every", "run.val_every", "run.watchdog_seconds",
+    "run.export_hf", "run.tensorboard", "run.nvtx", "run.loggers",
+})  # fmt: skip
+
+# Everything else: what the run learns from and how (model, data, sampling, algorithm, batch sizes,
+# optimizer, seed) and what its logged validation numbers measure. Kernels and micro-batching are
+# here too: they change results by rounding (and train.micro_batch is the per-micro-batch TAS window
+# of algo.shaping=released); change them deliberately with run.allow_config_change=true.
+RUN_DEFINING = frozenset({
+    "model.path", "model.dtype", "model.attn_impl", "model.liger", "model.freeze_vision", "model.base",
+    "model.tiny_family", "data.format", "data.train", "data.val", "data.image_dir", "data.problem_key",
+    "data.answer_key", "data.image_key",
+    "data.prompt_suffix", "data.min_pixels", "data.max_pixels", "data.max_prompt_len", "data.shuffle",
+    "data.synth",
+    "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_len",
+    "rollout.rollout_batch_size", "rollout.online_filter", "rollout.filter_low", "rollout.filter_high",
+    "rollout.filter_max_tries", "rollout.val_n", "rollout.val_temperature", "rollout.val_top_p",
+    "rollout.val_top_k", "rollout.engine", "rollout.gpu_memory_utilization", "rollout.tensor_parallel_size",
+    "algo.name", "algo.dependency", "algo.perturbation", "algo.patch_size", "algo.patch_prob",
+    "algo.noise_sigma", "algo.blur_radius", "algo.grey_value", "algo.topk_ratio", "algo.token_select",
+    "algo.shaping", "algo.b_min", "algo.b_max", "algo.adv_eps", "algo.clip_low", "algo.clip_high",
+    "algo.dual_clip", "algo.entropy_coef", "algo.entropy_mode", "algo.loss_agg", "algo.kl_coef",
+    "algo.tis_cap",
+    "train.global_batch", "train.micro_batch", "train.logprob_micro_batch", "train.ppo_epochs", "train.lr",
+    "train.warmup_steps", "train.weight_decay", "train.betas", "train.grad_clip", "train.seed",
+    "train.deepspeed", "train.impl", "train.packing", "train.max_tokens_per_micro", "train.balance_batch",
+    "run.val_samples", "run.spotlight_problems",
+})  # fmt: skip
+
+# Left null, these are filled with the tiny base / the synthetic set by the training loop
+# (vppo.train.resolve_defaults): compared only once filled.
+FILLED_AT_START = ("model.path", "data.train", "data.val")
+
+
+def config_changes(old: dict, new: Config, *, unfilled_ok: bool = False) -> dict[str, tuple[Any, Any]]:
+    """{key: (old value, new value)} of the keys outside RESUME_FREE whose value differs between a
+    saved config (`old`: config.yaml as a nested dict) and `new`. A key the saved config lacks
+    (written before the key existed) counts as its default. unfilled_ok: skip FILLED_AT_START keys
+    that `new` leaves null (the check before resolve_defaults)."""
+    flat_old, flat_new, table = _flatten(old), _flatten(to_dict(new)), fields_table()
+    out = {}
+    for key, value in flat_new.items():
+        if key in RESUME_FREE or (unfilled_ok and key in FILLED_AT_START and value is None):
+            continue
+        before = flat_old.get(key, table[key][1] if key in table else None)
+        if isinstance(before, tuple):
+            before = list(before)
+        if before != value:
+            out[key] = (before, value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +643,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0", a.entropy_coef)
     _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0", a.kl_coef)
     if a.tis_cap is not None:
-        _check(a.tis_cap > 0, "algo.tis_cap", "must be > 0 or null", a.tis_cap)
+        # min(ratio, cap) with cap < 1 scales down every token whose engines agree (ratio ~ 1), not
+        # just the outliers: a smaller learning rate in disguise (cap 0.5 halved every term), not TIS
+        _check(a.tis_cap >= 1, "algo.tis_cap", "must be >= 1 or null (the weight min(pi_old / pi_vllm, cap) "
+               "truncates large ratios; a cap below 1 shrinks every token's term, even where the engines "
+               "agree: lower train.lr instead)", a.tis_cap)  # fmt: skip
         need = "needs the vllm engine's log-probs: rollout.engine=vllm and rollout.temperature=1"
         _check(r.engine == "vllm" and r.temperature == 1.0, "algo.tis_cap", need, a.tis_cap)
 
@@ -600,6 +683,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
         u.loggers = [x for x in u.loggers if x != "tensorboard"] + (["tensorboard"] if u.tensorboard else [])
         u.tensorboard = None
+    _check(not u.overwrite or u.resume == "never", "run.overwrite", "deletes the run in run.output_dir to "
+           "start clean: set run.resume=never with it", u.overwrite)  # fmt: skip
+    tp = r.tensor_parallel_size
+    if r.engine == "vllm":  # the engines are made of whole groups of tp trainer ranks
+        _check(tp <= world_size and world_size % tp == 0, "rollout.tensor_parallel_size",
+               f"must divide the world size ({world_size}): each vLLM engine spans tp ranks", tp)  # fmt: skip
     if u.resume not in ("auto", "never"):
         _check(
             Path(u.resume).exists(),
@@ -769,6 +858,61 @@ def check_sources(cfg: Config) -> None:
                 f"downloaded: fetch it first, e.g. `hf download {m.path}`)",
                 m.path,
             )
+
+
+VLLM_MISSING = (
+    "rollout.engine=vllm needs the vllm package, which this Python ({python}) cannot find: on a GPU "
+    "`pip install -e '.[vllm]'`, on a CPU `make vllm-env` and run with .venv-vllm/bin/python"
+)
+
+
+def vllm_missing() -> str | None:
+    """The one-line error when vllm is not installed for this interpreter, else None (a lookup, not
+    an import: importing vllm takes seconds)."""
+    import importlib.util
+    import sys
+
+    return None if importlib.util.find_spec("vllm") else VLLM_MISSING.format(python=sys.executable)
+
+
+def _attention_heads(model_path: str) -> dict[str, int]:
+    """{config key: heads} of model_path's config.json: the language model's query and key/value
+    heads and the vision tower's heads, where present (Qwen2.5-VL keeps the first two at the top
+    level in older files, under text_config in newer ones)."""
+    p = Path(model_path).expanduser() / "config.json"
+    if not p.is_file():
+        return {}
+    c = json.loads(p.read_text())
+    text, vision = c.get("text_config") or c, c.get("vision_config") or {}
+    out = {}
+    for key, src, name in [
+        ("num_attention_heads", text, "num_attention_heads"),
+        ("num_key_value_heads", text, "num_key_value_heads"),
+        ("vision_config.num_heads", vision, "num_heads"),
+    ]:
+        v = src.get(name, c.get(name) if src is text else None)
+        if isinstance(v, int) and v > 0:
+            out[key] = v
+    return out
+
+
+def check_engine(cfg: Config) -> None:
+    """rollout.engine=vllm only: vllm installed, and rollout.tensor_parallel_size dividing the model's
+    attention heads (config.json of model.path; vLLM shards heads across its tensor-parallel ranks,
+    key/value heads are split or, when fewer than tp, replicated); else a one-line ValueError. Before
+    anything loads: vLLM says the same only after the data, the policy and DeepSpeed are up."""
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return
+    missing = vllm_missing()
+    if missing:
+        raise ValueError(missing)
+    tp = r.tensor_parallel_size  # within the world size: validate()
+    if cfg.model.path is None or tp == 1:
+        return
+    for key, heads in _attention_heads(cfg.model.path).items():
+        ok = heads % tp == 0 or (key == "num_key_value_heads" and tp % heads == 0)
+        _check(ok, "rollout.tensor_parallel_size", f"must divide {key} ({heads}) of {cfg.model.path}", tp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,9 +1118,9 @@ def check_loggers(cfg: Config) -> None:
 def config_from_args(
     argv: list[str] | None = None, prog: str | None = None, description: str | None = None
 ) -> Config:
-    """Parse the command line into a Config; bad keys or values, YAML syntax errors, data or
-    model sources that cannot be loaded (check_sources) and tracker packages that do not import
-    (check_loggers) exit with a one-line message (status 2).
+    """Parse the command line into a Config; bad keys or values, YAML syntax errors, data or model
+    sources that cannot be loaded (check_sources), tracker packages that do not import (check_loggers)
+    and a vLLM engine that cannot start (check_engine) exit with a one-line message (status 2).
     --print-config prints and exits before the sources are checked (it needs no data)."""
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
@@ -990,6 +1134,7 @@ def config_from_args(
     try:
         check_sources(cfg)
         check_loggers(cfg)
+        check_engine(cfg)
     except ValueError as e:
         parser.error(str(e))
     return cfg

@@ -62,6 +62,7 @@ from vppo.benchmarks import (
     load_benchmark,
     resolve_names,
 )
+from vppo.config import vllm_missing
 from vppo.data import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -210,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--model is required (or --check-data to check the data without one)")
     args.benchmark_path = _pairs(args.benchmark_path, "--benchmark-path")
     args.split = _pairs(args.split, "--split")
+    if args.engine == "vllm" and vllm_missing():  # before the benchmarks and the processor load
+        ap.error(vllm_missing().replace("rollout.engine=vllm", "--engine vllm"))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     for name in ("samples", "batch_size", "max_new_tokens"):

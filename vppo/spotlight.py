@@ -523,14 +523,28 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vppo.data import Problem, load_problems, load_prompt_suffix
+    from vppo.data import IMAGE_PLACEHOLDER, Problem, load_problems, load_prompt_suffix
 
+    # bad input fails here, in one line, before the model loads (a traceback from the loader otherwise)
+    if not (Path(args.model) / "config.json").is_file():
+        ap.error(f"--model {args.model}: not a model folder (no config.json there)")
+    if args.data is not None and not Path(args.data).exists():
+        ap.error(f"--data {args.data}: no such file or folder")
     if args.problem is not None:
         if not args.image:
             ap.error("--problem needs --image")
-        from PIL import Image
+        if args.problem.count(IMAGE_PLACEHOLDER) != 1:
+            ap.error(f"--problem needs one {IMAGE_PLACEHOLDER} where --image goes, got {args.problem!r}")
+        from PIL import Image, UnidentifiedImageError
 
-        size = Image.open(args.image).size
+        try:
+            with Image.open(args.image) as im:
+                size = im.size
+                im.verify()  # a truncated or corrupt file fails here, not in the processor
+        except FileNotFoundError:
+            ap.error(f"--image {args.image}: no such file")
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            ap.error(f"--image {args.image}: not a readable image ({e})")
         problems = [Problem("cli[0]", args.problem, args.answer, (args.image,), (size,), {"task": args.task})]
     else:
         src = args.data or str(

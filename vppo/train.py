@@ -51,8 +51,16 @@ from transformers import ProcessorMixin
 
 from vppo import bases, distributed, loss, objective, packing, spotlight
 from vppo import data as vdata
-from vppo.checkpoint import CheckpointManager
-from vppo.config import Config, batch_numbers, check_loggers, config_from_args, format_derived, save_resolved
+from vppo.checkpoint import CheckpointManager, RunFolderError, apply_optimizer_config, open_run
+from vppo.config import (
+    Config,
+    batch_numbers,
+    check_engine,
+    check_loggers,
+    config_from_args,
+    format_derived,
+    to_yaml,
+)  # fmt: skip
 from vppo.distributed import all_reduce, barrier, init_distributed, is_main, zero3_partitioned
 from vppo.evaluate import evaluate_problems
 from vppo.export import export_hf
@@ -125,10 +133,9 @@ def setup(cfg: Config) -> Run:
     rank, world = init_distributed()
     batch_numbers(cfg, world)  # sizes that do not divide fail before anything is loaded
     check_loggers(cfg)  # and so does a tracker package (run.loggers) that does not import
-    resolve_defaults(cfg)
+    check_engine(cfg)  # vllm installed, tensor parallel size fits the heads
+    start = open_run(cfg, rank, resolve_defaults)  # never mixes two runs in one folder; writes config.yaml
     run_dir = Path(cfg.run.output_dir)
-    if rank == 0:
-        save_resolved(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
 
     d = cfg.data
@@ -171,19 +178,18 @@ def setup(cfg: Config) -> Run:
         opts=loss.LossOptions.from_config(cfg),
         order=DataOrder(len(train_set), cfg.train.seed, d.shuffle),
         grader=Grader(),
-        ckpt=CheckpointManager(run_dir, cfg.run.keep_last, rank=rank, world_size=world),
+        ckpt=CheckpointManager(run_dir, cfg.run.keep_last, rank=rank, world_size=world, config=to_yaml(cfg)),
         metrics=Metrics(run_dir, rank == 0, cfg.run.loggers, cfg),
         timer=PhaseTimer(watchdog_seconds=cfg.run.watchdog_seconds or None, nvtx=cfg.run.nvtx, sync=sync),
         total_steps=dv.total_steps,
         sampler=sampling_engine(cfg, processor, token_ids(hf, processor), rank, world),
     )  # fmt: skip
-    resume = run.ckpt.resolve_resume(cfg.run.resume)
-    if resume is not None:
-        state = run.ckpt.load(resume, engine=engine)
+    if start.resume is not None:
+        state = run.ckpt.load(start.resume, engine=engine)
+        apply_optimizer_config(engine, cfg.train)  # the config's lr, not the checkpoint's
         run.start, run.order.pos = state["step"], state["data_pos"]
         run.metrics.truncate(run.start)
-        if rank == 0:
-            print(f"resumed from {resume} at step {run.start}", flush=True)
+        start.log_to(run.metrics)  # rank 0: "resumed from ..."; an allowed config change, on record
     return run
 
 
@@ -400,13 +406,19 @@ def train(cfg: Config) -> dict:
         export_hf(
             run.engine, run.processor, Path(cfg.run.output_dir) / "export", rank, cfg.data.prompt_suffix
         )
+    if run.sampler is not None:  # vLLM: shut down before the process groups go (vllm_engine.close)
+        run.sampler.close()
     return last
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config_from_args(argv, prog="python -m vppo.train", description=__doc__.split("\n\n")[0])
-    last = train(cfg)
+    try:
+        last = train(cfg)
+    except RunFolderError as e:  # refused at start-up, the folder untouched: the message, not a traceback
+        print(f"python -m vppo.train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if last and is_main():
         print(json.dumps(last), flush=True)
     if dist.is_initialized():  # leave together: a rank exiting mid-collective aborts the others

@@ -53,6 +53,42 @@ INSTALL_HINT = (
 )
 
 
+class _VLLMNoise(logging.Filter):
+    """Drops two of vLLM's own messages, matched exactly, that report nothing wrong (issue 26 item 9):
+
+    - "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it."
+      (vllm/v1/worker/cpu_worker.py): the in-process CPU worker replaces torch.set_num_threads with a
+      no-op that says this, and vLLM's own prompt renderer then calls it twice around every
+      multimodal prompt (set_default_torch_num_threads in vllm/renderers/base.py), ~2 lines a prompt.
+      The call is skipped; the thread count stays the one OMP_NUM_THREADS set. No call of ours.
+    - "<Layer>: Failed to load weights" (vllm/model_executor/model_loader/reload/layerwise.py) for the
+      layers in DERIVED: they hold only buffers vLLM computes itself (the image mean / std of the
+      fused input normalisation, the rotary cos / sin caches), which no checkpoint has, and vLLM puts
+      its own tensors back. Any other layer's message stays: it would be a weight the push missed.
+    """
+
+    THREADS = "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding"
+    DERIVED = frozenset({"FusedMMInputNorm", "RotaryEmbedding", "MRotaryEmbedding"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if msg.startswith(self.THREADS):
+            return False
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (msg == "%s: Failed to load weights" and args and args[0] in self.DERIVED)
+
+
+_NOISY_LOGGERS = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise")
+
+
+def quiet_vllm() -> None:
+    """Attach _VLLMNoise to the two vLLM loggers that emit those messages (once per process)."""
+    for name in _NOISY_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _VLLMNoise) for f in lg.filters):
+            lg.addFilter(_VLLMNoise())
+
+
 def _cpu_defaults() -> None:
     """vLLM's CPU backend: a small KV cache and OpenMP on every core (it binds one by default)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
@@ -105,6 +141,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: pushes share tensors
+        quiet_vllm()
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
             _cpu_defaults()
@@ -151,6 +188,22 @@ class VLLMEngine:
             gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
             sleep=r.vllm_sleep, min_pixels=d.min_pixels, max_pixels=d.max_pixels, world=world,
         )  # fmt: skip
+
+    def close(self) -> None:
+        """Shut the engine down while the process groups are alive (after the run's last collective).
+
+        In-process, vLLM's engine shutdown destroys its own groups and then the default process group
+        it shares with the trainer (vllm/distributed/parallel_state.py, cleanup_dist_env_and_memory).
+        Left to its exit-time finalizer, it ran after the trainer had destroyed the default group and
+        ended every run with `ValueError: Invalid process group specified`. Idempotent."""
+        if getattr(self, "llm", None) is None:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # every rank is past its last collective before the groups go
+        self.llm.llm_engine.engine_core.shutdown()  # detaches vLLM's finalizer, so it runs once
+        self.llm = None
 
     # -- phases ------------------------------------------------------------------------------------
     def wake(self) -> None:
