@@ -300,3 +300,16 @@ def test_readme_table_is_the_committed_sweep_table():
     readme = (root / "README.md").read_text()
     section = readme[readme.index("<!-- sweep:start -->") : readme.index("<!-- sweep:end -->")]
     assert committed.strip() in section
+
+
+def test_a_result_stands_for_the_same_run_asked_with_other_logging_keys():
+    """Results recorded with the deprecated run.tensorboard=false count for runs asked with
+    run.loggers=[] (and another folder); a change of steps, seed or an algorithm key does not."""
+    sw = sweep.Sweep(Path("o"), Path("r"), sweep.Budget())
+    new = sw.overrides("vppo", 1)
+    old = [("run.tensorboard=false" if x == "run.loggers=[]" else x) for x in new]
+    old = [("run.output_dir=elsewhere" if x.startswith("run.output_dir=") else x) for x in old]
+    assert sweep._same_run(old, new)
+    for changed in ("train.total_steps=49", "train.seed=2", "algo.topk_ratio=0.5"):
+        key = changed.partition("=")[0]
+        assert not sweep._same_run([changed if x.startswith(key + "=") else x for x in new], new), changed

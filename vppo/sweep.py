@@ -123,7 +123,7 @@ class Budget:
             f"rollout.val_n={self.val_n}",
             f"run.save_every={self.save_every}",
             "run.keep_last=1",
-            "run.tensorboard=false",
+            "run.loggers=[]",
             f"run.plot_every={max(self.steps, 1)}",
         ]
 
@@ -482,8 +482,14 @@ def eval_result(eval_dir: Path, test_parquet: Path) -> dict:
 
 
 def _same_run(a: list[str], b: list[str]) -> bool:
-    """The same run but for where its folder is (run.output_dir)."""
-    here = lambda o: [x for x in o if not x.startswith("run.output_dir=")]  # noqa: E731
+    """The same run but for keys that cannot change its results (config.RESUME_FREE: where its folder
+    is, logging, intervals): a result recorded with `run.tensorboard=false` stands for one asked with
+    `run.loggers=[]`."""
+    from vppo.config import RESUME_FREE  # light, but keeps --aggregate-only free of the config module
+
+    # a resume may extend a run or change its validation interval; a sweep result is its budget
+    free = RESUME_FREE - {"train.total_steps", "train.epochs", "run.val_every"}
+    here = lambda o: [x for x in o if x.partition("=")[0] not in free]  # noqa: E731
     return here(a) == here(b)
 
 
