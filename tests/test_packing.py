@@ -1,5 +1,6 @@
-"""Padding-free passes (vppo.packing) on the micro Qwen2.5-VL: packed rows give the padded rows'
-rope positions, scores and gradients; token-budget micro-batches give the row split's gradient;
+"""Padding-free passes (vppo.packing): on the micro model of every family (Qwen2.5-VL, Qwen3-VL)
+packed rows give the padded rows' rope positions, scores and gradients; token-budget micro-batches
+give the row split's gradient;
 Karmarkar-Karp balancing moves rows between ranks without changing the global mini-batch."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
+from helpers import FAMILIES, ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
 
 RESP_LENS = [10, 3, 7, 1, 10, 5]  # mixed response lengths (rows 0-5), a vision token in row 2
 
@@ -30,8 +31,19 @@ def assets(tmp_path_factory):
     return make_micro_model(d / "model", layers=2), make_synth(d / "synth", n_train=16, n_val=4, n_test=4)
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, assets, tmp_path_factory):
+    """A micro model of each family. Qwen3-VL: DeepStack from both vision layers, added after LLM
+    layers 0 and 1, so three LLM layers (added after the last one, a DeepStack feature would never
+    reach a response position and its merger would get no gradient)."""
+    if request.param == "qwen2_5_vl":
+        return assets[0]
+    d = tmp_path_factory.mktemp(request.param)
+    return make_micro_model(d / "model", layers=3, vision_depth=2, family=request.param)
+
+
 @pytest.fixture(scope="module")
-def batch(assets):
+def batch(family_model, assets):
     """(model with a FusedLMHead, token ids, a trajectory): 3 prompts of different lengths x 2
     responses of lengths RESP_LENS, a vision token inside response 2, perturbed images."""
     from transformers import AutoModelForImageTextToText
@@ -42,7 +54,7 @@ def batch(assets):
     from vppo.perturb import PerturbSpec, perturb_pixel_values
     from vppo.tokens import token_ids
 
-    path, synth = assets
+    path, synth = family_model, assets[1]
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     FusedLMHead.replace(model)
     proc = load_processor(path)

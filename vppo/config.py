@@ -60,7 +60,7 @@ class ModelConfig:
         "sdpa", "attention; flash_attention_2 falls back to sdpa when flash-attn is not installed"
     )
     gradient_checkpointing: bool = _f(False, "non-reentrant activation checkpointing")
-    liger: bool = _f(False, "apply Liger-Kernel's Qwen2.5-VL patches")
+    liger: bool = _f(False, "apply Liger-Kernel's patches for the model family (vppo.models)")
     freeze_vision: bool = _f(False, "freeze the vision tower (the released recipe trains it)")
 
 
@@ -704,6 +704,7 @@ def check_sources(cfg: Config) -> None:
         if p.exists():
             _check(p.is_dir(), "model.path", "must be a model folder, not a file", m.path)
             _check((p / "config.json").is_file(), "model.path", "is a folder without config.json", m.path)
+            _check_family(p / "config.json", m.path)
         elif _looks_local(m.path) or not _HUB_NAME.match(m.path):
             _check(False, "model.path", f"does not exist (no such folder from {Path.cwd()})", m.path)
         else:
@@ -714,6 +715,19 @@ def check_sources(cfg: Config) -> None:
                 f"downloaded: fetch it first, e.g. `hf download {m.path}`)",
                 m.path,
             )
+
+
+def _check_family(config_json: Path, path: str) -> None:
+    """The model's config.json names a model_type that vppo.models has a family for (no weights read)."""
+    from vppo.models import model_type_of_path, supported
+
+    mt = model_type_of_path(config_json.parent)
+    _check(
+        mt is None or mt in supported(),  # none named: the loader says what is missing
+        "model.path",
+        f"has model_type {mt!r}, which no vppo.models family handles (supported: {', '.join(supported())})",
+        path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

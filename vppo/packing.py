@@ -17,7 +17,8 @@ rows one after the other:
                 response tokens, in the row-major order of `response_mask` -- the [N, H] rows that
                 `vppo.loss.score` and `vppo.loss.vppo_loss_linear` take, unchanged.
 
-Attention. Nothing here builds a mask: the packed forward gives Qwen2.5-VL 4-channel position ids
+Attention. Nothing here builds a mask: the packed forward gives the model (Qwen2.5-VL, Qwen3-VL)
+4-channel position ids
 and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a packed batch: its
 `create_causal_mask` finds the row boundaries where the text position does not grow by one and,
 for sdpa / eager attention, builds the block-diagonal causal mask (a (1, 1, T, T) boolean mask:
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vppo.models import family_of
 from vppo.rollout import model_inputs, shared_image_features
 from vppo.trajectory import Trajectory
 
@@ -63,17 +65,10 @@ class Packed:
 
 
 def rope_positions(hf, inputs: dict) -> torch.Tensor:
-    """(3, b, L) M-RoPE ids of the padded rows, as the padded forward computes them: the model's
-    `get_rope_index` over the valid tokens when the rows carry images, else 0..L-1 on every row
-    (what Qwen2.5-VL's text model falls back to without an image grid)."""
-    ids = inputs["input_ids"]
-    if inputs.get("image_grid_thw") is None:
-        return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
-    pos, _ = hf.model.get_rope_index(
-        input_ids=ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
-    )  # fmt: skip
-    return pos
+    """(3, b, L) M-RoPE ids of the padded rows, as the padded forward computes them: the model
+    family's (`vppo.models`): its own `get_rope_index` over the valid tokens when the rows carry
+    images, else its text-only fallback."""
+    return family_of(hf).rope_positions(hf, inputs)
 
 
 def pack(hf, inputs: dict, response_mask: torch.Tensor, prompt_len: int) -> Packed:

@@ -1,0 +1,91 @@
+"""The model-family registry (vppo.models): every family implements every piece, an unsupported
+model_type is refused before anything heavy loads, and the families behave as their modules say."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import FAMILIES
+
+
+def test_every_family_is_registered_and_complete():
+    from vppo import models
+
+    assert models.supported() == sorted(FAMILIES)  # the parametrised tests cover every family
+    for name, fam in models.FAMILIES.items():
+        assert fam.model_type == name
+        assert models.missing_pieces(type(fam)) == [], name
+        assert fam.grid == fam.patch * fam.merge
+
+
+def test_a_family_without_a_required_piece_is_refused_naming_it():
+    from vppo import models
+    from vppo.models.qwen3_vl import Qwen3_VL
+
+    class NoRope(models.Family):  # everything but rope_positions, and no patch
+        model_type, hf_class, merge = "nope", "NopeForConditionalGeneration", 2
+        share_image_features = Qwen3_VL.share_image_features
+        vision_tower = Qwen3_VL.vision_tower
+        apply_liger = Qwen3_VL.apply_liger
+        chat_template = Qwen3_VL.chat_template
+        build_processor = Qwen3_VL.build_processor
+        build_model = Qwen3_VL.build_model
+
+    with pytest.raises(TypeError, match="NoRope lacks rope_positions, patch"):
+        models.register(NoRope)
+    assert "nope" not in models.FAMILIES
+    with pytest.raises(ValueError, match="registered twice"):
+        models.register(Qwen3_VL)
+
+
+def test_unsupported_model_type_is_an_error_naming_the_supported_ones(tmp_path):
+    from vppo import models
+    from vppo.config import check_sources, load_config
+
+    with pytest.raises(ValueError, match="'llava'.*supported model types: qwen2_5_vl, qwen3_vl"):
+        models.family("llava")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    cfg = load_config(None, [f"model.path={tmp_path}"])
+    with pytest.raises(
+        ValueError, match=r"model.path has model_type 'llava'.*supported: qwen2_5_vl, qwen3_vl"
+    ):
+        check_sources(cfg)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_pieces_on_a_built_model(name, tmp_path):
+    """Built from the family, saved and reloaded: the model_type chooses the family back, the vision
+    tower is the model's, the processor's patch is the family's and the template renders images."""
+    from transformers import AutoModelForImageTextToText
+
+    from vppo import models
+    from vppo.data import load_processor
+    from vppo.tiny import build_tokenizer
+
+    fam = models.family(name)
+    tok = build_tokenizer(["a b c"] * 5, vocab_size=300, chat_template=fam.chat_template())
+    proc = fam.build_processor(tok, fam.grid**2, 4 * fam.grid**2)
+    model = fam.build_model(models.Size(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1,
+                                        vision_depth=1, vision_hidden=32, vision_intermediate=64,
+                                        vision_heads=2), tok)  # fmt: skip
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    assert models.family_of_path(tmp_path) is fam
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(hf).__name__ == fam.hf_class and models.family_of(hf) is fam
+    tower = fam.vision_tower(hf)
+    assert tower.patch_size == fam.patch and tower.spatial_merge_size == fam.merge
+    back = load_processor(tmp_path)
+    assert back.image_processor.patch_size == fam.patch and back.image_processor.merge_size == fam.merge
+    text = back.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )  # fmt: skip
+    assert "<|vision_start|><|image_pad|><|vision_end|>q<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    # text-only fallback: 0..L-1 on every axis
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    pos = fam.rope_positions(hf, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert torch.equal(pos, torch.arange(5).expand(3, 2, 5))
