@@ -25,7 +25,7 @@ def test_a_family_without_a_required_piece_is_refused_naming_it():
     from vppo.models.qwen3_vl import Qwen3_VL
 
     class NoRope(models.Family):  # everything but rope_positions, and no patch
-        model_type, hf_class, merge = "nope", "NopeForConditionalGeneration", 2
+        model_type, hf_class, processor_class, merge = "nope", "NopeModel", "NopeProcessor", 2
         share_image_features = Qwen3_VL.share_image_features
         vision_tower = Qwen3_VL.vision_tower
         apply_liger = Qwen3_VL.apply_liger
@@ -46,6 +46,8 @@ def test_unsupported_model_type_is_an_error_naming_the_supported_ones(tmp_path):
 
     with pytest.raises(ValueError, match="'llava'.*supported model types: qwen2_5_vl, qwen3_vl"):
         models.family("llava")
+    with pytest.raises(ValueError, match="processor object belongs to no supported model family"):
+        models.family_of_processor(object())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     cfg = load_config(None, [f"model.path={tmp_path}"])
     with pytest.raises(
@@ -78,6 +80,7 @@ def test_family_pieces_on_a_built_model(name, tmp_path):
     tower = fam.vision_tower(hf)
     assert tower.patch_size == fam.patch and tower.spatial_merge_size == fam.merge
     back = load_processor(tmp_path)
+    assert models.family_of_processor(back) is fam
     assert back.image_processor.patch_size == fam.patch and back.image_processor.merge_size == fam.merge
     text = back.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
@@ -89,3 +92,20 @@ def test_family_pieces_on_a_built_model(name, tmp_path):
     ids = torch.zeros(2, 5, dtype=torch.long)
     pos = fam.rope_positions(hf, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert torch.equal(pos, torch.arange(5).expand(3, 2, 5))
+
+
+def test_vppo_8b_config_is_the_released_8b_script():
+    """configs/vppo_8b.yaml: examples/configs/train_vppo_8b.sh as a config of this loop, with the
+    derived batch numbers its header prints."""
+    from vppo.config import derived, load_config
+
+    c = load_config("configs/vppo_8b.yaml", world_size=8)
+    assert c.model.path == "Qwen/Qwen3-VL-8B-Instruct" and c.algo.patch_size == 16
+    assert (c.train.total_steps, c.train.global_batch) == (130, 128)
+    assert (c.rollout.rollout_batch_size, c.rollout.n) == (384, 8)
+    assert (c.algo.topk_ratio, c.algo.b_min, c.algo.entropy_coef) == (0.4, 0.9, 0.12)
+    assert (c.rollout.max_response_len, c.data.max_prompt_len) == (8192, 4096)
+    assert (c.train.micro_batch, c.train.logprob_micro_batch) == (4, 8)
+    d = derived(c, 8, n_train=38870, print_fn=None)
+    assert (d.optimizer_steps_per_rollout, d.grad_accum_per_rank, d.logprob_passes_per_rank) == (3, 32, 48)
+    assert (d.steps_per_epoch, d.total_steps, d.total_optimizer_steps) == (101, 130, 390)

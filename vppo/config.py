@@ -62,6 +62,9 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "non-reentrant activation checkpointing")
     liger: bool = _f(False, "apply Liger-Kernel's patches for the model family (vppo.models)")
     freeze_vision: bool = _f(False, "freeze the vision tower (the released recipe trains it)")
+    tiny_family: Literal["qwen2_5_vl", "qwen3_vl"] = _f(
+        "qwen2_5_vl", "model family of the tiny base built when model.path is null (vppo.models)"
+    )
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""The embedded tiny base model: a few-million-parameter Qwen2.5-VL that loads like the 7B one.
+"""The embedded tiny base model: a few-million-parameter Qwen2.5-VL that loads like the 7B one
+(or, `--family qwen3_vl`, a Qwen3-VL that loads like the 8B one: vppo/models/qwen3_vl.py).
 
-    python -m vppo.tiny            # build (or find in the cache) and print the path
+    python -m vppo.tiny                     # build (or find in the cache) and print the path
+    python -m vppo.tiny --family qwen3_vl   # the Qwen3-VL base (a run's model.tiny_family)
 
 Pieces, all standard Qwen2.5-VL classes saved with save_pretrained, so AutoProcessor.from_pretrained
 and Qwen2_5_VLForConditionalGeneration.from_pretrained read them exactly as they read
@@ -11,6 +13,9 @@ Qwen2.5-VL-7B-Instruct from a local folder:
 - model: Qwen2_5_VLForConditionalGeneration, about 2 M parameters (text: hidden 128, 4 layers,
   4 heads, 2 KV heads, untied lm_head as in the 7B; vision: depth 2, hidden 128, patch 14, merge 2);
 - generation config: eos <|im_end|> and <|endoftext|>, pad <|endoftext|> (as the 7B's).
+The Qwen3-VL base (TinyConfig.family) has the same sizes and warm start, built by its family module
+(Qwen3VLProcessor, patch 16 on a 32-px grid with images of 64-96 px a side, DeepStack from both
+vision layers, the Instruct template without a default system turn).
 
 Warm start: supervised next-token training on the synthetic train split (vppo.synth), loss on the
 `<think> ... </think> \\boxed{...}` response and its <|im_end|> only, prompts left-padded as
@@ -65,7 +70,7 @@ from vppo.data import (
     save_prompt_suffix,
     vision_token_ids,
 )
-from vppo.models import Size, family
+from vppo.models import Size, family, supported
 from vppo.models.qwen2_5_vl import CHAT_TEMPLATE as QWEN2_5_VL_TEMPLATE
 from vppo.provenance import package_versions
 from vppo.synth import SYNTH_VERSION, SynthConfig, ensure_synth_data
@@ -487,13 +492,18 @@ def ensure_tiny_model(cfg: TinyConfig | None = None, root: str | Path | None = N
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="build here (always rebuilds) instead of the cache folder")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=supported(),
+                    help="model family of the base (vppo.models; a run's model.tiny_family)")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from vppo.spotlight import variant  # the pixel bounds of the family's grid
+
+    cfg = variant("default", args.family)[1]
     if args.out:
-        build_tiny_model(args.out)
+        build_tiny_model(args.out, cfg)
         out = Path(args.out)
     else:
-        out = ensure_tiny_model()
+        out = ensure_tiny_model(cfg)
     info = json.loads((out / INFO_FILE).read_text())
     print(f"tiny base model in {out} ({info['params'] / 1e6:.2f} M parameters)")
     print(

@@ -100,7 +100,7 @@ class Run:
 def resolve_defaults(cfg: Config) -> None:
     """Fill model.path / data.train / data.val with the tiny base and the synthetic set."""
     if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
-        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (data.synth)
+        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth, cfg.model.tiny_family)  # data.synth
         synth = ensure_synth_data(synth_cfg)
         if cfg.model.path is None:
             cfg.model.path = str(ensure_tiny_model(tiny_cfg))

@@ -19,9 +19,9 @@ checkpoint's `model_type`. Every abstract method below is a piece the rest of th
   build_model           a randomly initialised model of a given `Size`, ids from a tokenizer
   chat_template         the family's chat template, for the tiny tokenizer / processor
 
-Plain attributes: `model_type`, `hf_class` (the transformers class name), `patch` / `merge` (the
-vision patch in pixels and the spatial merge: the perturbation's grid is patch * merge), the special
-token names the rollout and the vLLM engine use (`vision_start_token`, `image_pad_token`).
+Plain attributes: `model_type`, `hf_class` / `processor_class` (transformers class names), `patch` /
+`merge` (the vision patch in pixels and the spatial merge: the perturbation's grid is patch * merge),
+the special token names the rollout and the vLLM engine use (`vision_start_token`, `image_pad_token`).
 Adding a family: one module here (subclass, fill every piece, `@register`), an import at the bottom
 of this file, and its name in the parametrised tests (tests/helpers.FAMILIES).
 """
@@ -60,11 +60,18 @@ class Family(abc.ABC):
 
     model_type: ClassVar[str]
     hf_class: ClassVar[str]
+    processor_class: ClassVar[str]  # the transformers processor class name
     patch: ClassVar[int]  # vision patch, pixels
     merge: ClassVar[int]  # spatial merge: one image token per merge x merge patches
     vision_start_token: ClassVar[str] = "<|vision_start|>"
     image_pad_token: ClassVar[str] = "<|image_pad|>"
-    REQUIRED_ATTRS: ClassVar[tuple[str, ...]] = ("model_type", "hf_class", "patch", "merge")
+    REQUIRED_ATTRS: ClassVar[tuple[str, ...]] = (
+        "model_type",
+        "hf_class",
+        "processor_class",
+        "patch",
+        "merge",
+    )
 
     @property
     def grid(self) -> int:
@@ -100,6 +107,13 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def build_model(self, size: Size, tokenizer, seed: int = 0) -> nn.Module:
         """A randomly initialised model of `size` whose special ids are those of `tokenizer`."""
+
+    def vllm_options(self, min_pixels: int | None, max_pixels: int | None) -> dict:
+        """Keyword arguments of vllm.LLM for this family: the image bounds as the processor's
+        `size` (Qwen2.5-VL and Qwen3-VL processors both read shortest_edge / longest_edge, in pixels),
+        so vLLM resizes images exactly as the processor of the scoring passes does."""
+        size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v}
+        return {"mm_processor_kwargs": {"size": size}} if size else {}
 
     def describe(self) -> str:
         return f"{self.model_type} ({self.hf_class}, {self.patch}-px patches, merge {self.merge})"
@@ -163,10 +177,29 @@ def family_of_path(path: str | Path) -> Family:
     return family(mt)
 
 
+def family_of_checkpoint(path: str | Path) -> Family:
+    """The family of a local folder or a model in the local Hugging Face cache (config only)."""
+    if (Path(path).expanduser() / "config.json").is_file():
+        return family_of_path(path)
+    from transformers import AutoConfig
+
+    return family(AutoConfig.from_pretrained(str(path), local_files_only=True).model_type)
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of a loaded Hugging Face model (or a module wrapping one as `.hf`)."""
     hf = getattr(model, "hf", model)
     return family(hf.config.model_type)
+
+
+def family_of_processor(processor) -> Family:
+    """The family whose processor class `processor` is (a processor carries no model_type)."""
+    name = type(processor).__name__
+    for fam in FAMILIES.values():
+        if fam.processor_class == name:
+            return fam
+    known = ", ".join(f"{f.processor_class} ({t})" for t, f in sorted(FAMILIES.items()))
+    raise ValueError(f"processor {name} belongs to no supported model family; supported: {known}")
 
 
 def share_by_index(per_image, which: list[int]) -> tuple:

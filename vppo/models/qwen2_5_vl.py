@@ -36,6 +36,7 @@ CHAT_TEMPLATE = (
 class Qwen2_5_VL(Family):
     model_type = "qwen2_5_vl"
     hf_class = "Qwen2_5_VLForConditionalGeneration"
+    processor_class = "Qwen2_5_VLProcessor"
     patch = 14
     merge = 2
 

@@ -43,6 +43,7 @@ CHAT_TEMPLATE = (
 class Qwen3_VL(Family):
     model_type = "qwen3_vl"
     hf_class = "Qwen3VLForConditionalGeneration"
+    processor_class = "Qwen3VLProcessor"
     patch = 16
     merge = 2
 
