@@ -300,9 +300,22 @@ def test_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path, monkeyp
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    for k in ("kernel_tests", "kernel_bench", "packing_gpu"):
+    for k in ("kernel_tests", "kernel_bench", "packing_gpu", "qwen3_vl_gpu"):
         assert res[k] == {"status": "SKIPPED", "reason": "no CUDA device"}, k
     assert res["packing_cpu"]["status"] == "ok" and 0.4 < res["packing_cpu"]["7b"]["pad_frac"] < 0.7
     printed = capsys.readouterr().out
     assert "kernel_tests: SKIPPED (no CUDA device)" in printed and "packing_gpu: SKIPPED" in printed
+    assert "qwen3_vl_gpu: SKIPPED (no CUDA device)" in printed
     assert "| packing_cpu | ok | tiny: pad" in (tmp_path / "README_table.md").read_text()
+
+
+def test_gpu_checks_qwen3_vl_step_on_a_micro_shape_in_fp32():
+    """The Qwen3-VL step of make gpu-check (8B-shaped on the GPU) on a micro shape on the CPU: packed
+    and padded agree on the response hidden states and every scoring-pass field (images repeat over
+    rows, so the DeepStack features go through the shared-image path)."""
+    from bench.gpu_check import Q3_MICRO, qwen3_vl_check
+
+    r = qwen3_vl_check(Q3_MICRO, "cpu", torch.float32, grid=4)
+    assert r["status"] == "ok", r
+    for k in ("hidden", "old_logp", "entropy", "kl", "k3"):
+        assert r[f"{k}_max_abs_diff"] < 1e-4, (k, r)
