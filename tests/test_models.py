@@ -153,3 +153,25 @@ def test_export_reload_and_evaluate_each_family(name, tmp_path):
                       str(tmp_path / "eval"), "--samples", "2", "--max-new-tokens", "8", "--limit", "4",
                       "--no-progress"])  # fmt: skip
     assert res["summary"]["synth"]["problems"] == 4 and 0 <= res["summary"]["synth"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_load_policy_freezes_the_familys_vision_tower_and_applies_its_liger_patch(name, tmp_path):
+    from helpers import make_micro_model
+
+    from vppo.config import load_config
+    from vppo.model import FusedLMHead, load_policy
+
+    path = make_micro_model(tmp_path / "m", family=name)
+    hf = load_policy(load_config(None, [f"model.path={path}", "model.freeze_vision=true"]))
+    frozen = {k for k, p in hf.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {k for k, _ in hf.named_parameters() if k.startswith("model.visual.")}
+    assert isinstance(hf.lm_head, FusedLMHead)
+    # Liger: the family's patch, or (liger-kernel 0.8.5 with transformers 5.x: its output classes
+    # do not import) an error that names the patch and the versions
+    try:
+        hf = load_policy(load_config(None, [f"model.path={path}", "model.liger=true"]))
+    except RuntimeError as e:
+        assert f"apply_liger_kernel_to_{name}" in str(e) and "transformers" in str(e), e
+    else:
+        assert "Liger" in type(hf.model.language_model.norm).__name__

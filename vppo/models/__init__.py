@@ -202,6 +202,29 @@ def family_of_processor(processor) -> Family:
     raise ValueError(f"processor {name} belongs to no supported model family; supported: {known}")
 
 
+def apply_liger_patch(patch_name: str, hf: nn.Module) -> None:
+    """Liger-Kernel's `patch_name` on `hf` (lm_head and loss untouched: vppo.loss owns them); an
+    ImportError (no liger_kernel, or a Liger without a working patch for this transformers) is
+    re-raised naming the versions."""
+    try:
+        import liger_kernel.transformers as lt  # optional extra
+
+        getattr(lt, patch_name)(model=hf, fused_linear_cross_entropy=False, cross_entropy=False)
+    except (ImportError, AttributeError) as e:
+        import transformers
+
+        try:
+            from importlib.metadata import version
+
+            liger = version("liger-kernel")
+        except Exception:  # not installed
+            liger = "not installed"
+        raise RuntimeError(
+            f"model.liger: {patch_name} failed (liger-kernel {liger}, transformers "
+            f"{transformers.__version__}): {e}; run with model.liger=false"
+        ) from e
+
+
 def share_by_index(per_image, which: list[int]) -> tuple:
     """A tuple of per-image tensors re-indexed by `which` (helper of `share_image_features`)."""
     return tuple(per_image[j] for j in which)

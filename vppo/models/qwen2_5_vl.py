@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vppo.models import Family, Size, register, share_by_index
+from vppo.models import Family, Size, apply_liger_patch, register, share_by_index
 
 # The Qwen2-VL / Qwen2.5-VL-Instruct chat template, verbatim (a default system turn when the first
 # message is not a system one).
@@ -59,9 +59,7 @@ class Qwen2_5_VL(Family):
         return hf.model.visual
 
     def apply_liger(self, hf: nn.Module) -> None:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl  # optional extra
-
-        apply_liger_kernel_to_qwen2_5_vl(model=hf, fused_linear_cross_entropy=False, cross_entropy=False)
+        apply_liger_patch("apply_liger_kernel_to_qwen2_5_vl", hf)
 
     def chat_template(self) -> str:
         return CHAT_TEMPLATE

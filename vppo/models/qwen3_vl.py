@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vppo.models import Family, Size, register, share_by_index
+from vppo.models import Family, Size, apply_liger_patch, register, share_by_index
 
 # A one-turn subset of the Qwen3-VL-Instruct template: no default system turn, images as
 # <|vision_start|><|image_pad|><|vision_end|> where they stand in the content list.
@@ -67,9 +67,7 @@ class Qwen3_VL(Family):
         return hf.model.visual  # blocks, merger and the DeepStack mergers
 
     def apply_liger(self, hf: nn.Module) -> None:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl  # optional extra
-
-        apply_liger_kernel_to_qwen3_vl(model=hf, fused_linear_cross_entropy=False, cross_entropy=False)
+        apply_liger_patch("apply_liger_kernel_to_qwen3_vl", hf)
 
     def chat_template(self) -> str:
         return CHAT_TEMPLATE
