@@ -104,7 +104,7 @@ def load_policy(cfg: Config) -> nn.Module:
         attn_implementation=resolve_attn_impl(cfg.model.attn_impl),
         local_files_only=True,
     )
-    fam = family_of(hf)  # vppo.config.check_paths refused an unsupported model_type before this load
+    fam = family_of(hf)  # vppo.config.check_sources refused an unsupported model_type before this load
     if cfg.model.liger:
         fam.apply_liger(hf)
     if cfg.model.gradient_checkpointing:

@@ -9,7 +9,8 @@ rows one after the other:
   position ids  (4, 1, T): channel 0 the text position within each row (0, 1, ..., len_i - 1),
                 channels 1-3 the M-RoPE (temporal, height, width) ids each token has in the
                 padded layout, computed by the model's own `get_rope_index` on the padded rows
-                (the very call the padded forward makes) and then stripped of the pads, so the
+                (the very call the padded forward makes; the family's `rope_positions`,
+                `vppo.models`) and then stripped of the pads, so the
                 image grid and the rope positions of the two layouts cannot drift apart;
   images        the rows' pixel_values / image_grid_thw in row order (the placeholders of the
                 packed sequence are in that order too);
@@ -17,10 +18,9 @@ rows one after the other:
                 response tokens, in the row-major order of `response_mask` -- the [N, H] rows that
                 `vppo.loss.score` and `vppo.loss.vppo_loss_linear` take, unchanged.
 
-Attention. Nothing here builds a mask: the packed forward gives the model (Qwen2.5-VL, Qwen3-VL)
-4-channel position ids
-and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a packed batch: its
-`create_causal_mask` finds the row boundaries where the text position does not grow by one and,
+Attention. Nothing here builds a mask: the packed forward gives the model (Qwen2.5-VL or Qwen3-VL)
+4-channel position ids and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a
+packed batch: its `create_causal_mask` finds the row boundaries where the text position does not grow by one and,
 for sdpa / eager attention, builds the block-diagonal causal mask (a (1, 1, T, T) boolean mask:
 exact, runs on the CPU and in the tests here with no flash-attn); under flash_attention_2 the
 same position ids become cu_seqlens and flash-attn's varlen kernel runs with no mask at all. We
