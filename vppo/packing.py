@@ -19,16 +19,15 @@ rows one after the other:
                 `vppo.loss.score` and `vppo.loss.vppo_loss_linear` take, unchanged.
 
 Attention. Nothing here builds a mask: the packed forward gives the model (Qwen2.5-VL or Qwen3-VL)
-4-channel position ids and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a
-packed batch: its `create_causal_mask` finds the row boundaries where the text position does not
-grow by one and, for sdpa / eager attention, builds the block-diagonal causal mask (a (1, 1, T, T) boolean mask:
-exact, runs on the CPU and in the tests here with no flash-attn); under flash_attention_2 the
+4-channel position ids and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a packed
+batch: its `create_causal_mask` finds the row boundaries where the text position does not grow by
+one and, for sdpa / eager attention, builds the block-diagonal causal mask (a (1, 1, T, T) boolean
+mask: exact, runs on the CPU and in the tests here with no flash-attn); under flash_attention_2 the
 same position ids become cu_seqlens and flash-attn's varlen kernel runs with no mask at all. We
 chose this over our own per-segment SDPA loop or flex attention because it is the path the model
 code itself maintains (the mask, the rotary embedding and the FA2 kwargs come from one place), it
-needs no patching of the attention modules, and the same inputs run on the CPU and on the GPU.
-The sdpa mask is O(T^2) bytes: on a GPU without flash-attn bound T with
-train.max_tokens_per_micro.
+needs no patching of the attention modules, and the same inputs run on the CPU and on the GPU. The
+sdpa mask is O(T^2) bytes: on a GPU without flash-attn bound T with train.max_tokens_per_micro.
 
 `micro_batches` fills micro-batches by token count (train.max_tokens_per_micro) with the same
 number of micro-batches on every rank (ZeRO-2/3 run collectives per forward / backward), and
