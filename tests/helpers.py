@@ -4,38 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from vppo.data import PROMPT_SUFFIX
 
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # every vppo.models family: the parametrised tests run each
 
-def make_micro_model(out: Path, *, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
-    """A random Qwen2.5-VL (~0.1 M parameters) with the tiny tokenizer / processor, saved like a
-    real checkpoint so it loads through the same code path as Qwen2.5-VL-7B-Instruct."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+def make_micro_model(
+    out: Path, *, seed: int = 0, hidden: int = 32, layers: int = 1, family: str = "qwen2_5_vl",
+    vision_depth: int = 1,
+) -> Path:  # fmt: skip
+    """A random model of `family` (~0.1 M parameters; vppo.models builds it) with the tiny tokenizer
+    and the family's processor, saved like a real checkpoint so it loads through the same code path
+    as Qwen2.5-VL-7B-Instruct / Qwen3-VL-8B-Instruct."""
+    from vppo.models import Size
+    from vppo.models import family as family_of
     from vppo.synth import TASKS  # noqa: F401  (the synthetic questions share the vocabulary)
-    from vppo.tiny import build_processor, build_tokenizer
+    from vppo.tiny import build_tokenizer
 
+    fam = family_of(family)
     texts = ["What is x? \\boxed{1/2} 0.5 How many red shapes? Which bar is taller", PROMPT_SUFFIX] * 10
-    tok = build_tokenizer(texts, vocab_size=300)
-    proc = build_processor(tok, min_pixels=28 * 28, max_pixels=84 * 84)
+    tok = build_tokenizer(texts, vocab_size=300, chat_template=fam.chat_template())
+    g = fam.grid  # images between one and nine merged cells of the family's grid
+    proc = fam.build_processor(tok, min_pixels=g * g, max_pixels=9 * g * g)
+    size = Size(
+        hidden=hidden, intermediate=2 * hidden, layers=layers, heads=2, kv_heads=1, vision_depth=vision_depth,
+        vision_hidden=32, vision_intermediate=64, vision_heads=2, max_positions=1024,
+    )  # fmt: skip
+    model = fam.build_model(size, tok, seed=seed).eval()
     tid = tok.convert_tokens_to_ids
-    text = dict(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
-        eos_token_id=tid("<|im_end|>"), bos_token_id=None, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                  fullatt_block_indexes=[0], window_size=56)  # fmt: skip
-    cfg = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=tid("<|image_pad|>"),
-        video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
-        vision_end_token_id=tid("<|vision_end|>"), tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     gc = model.generation_config
     gc.eos_token_id, gc.bos_token_id, gc.pad_token_id = [tid("<|im_end|>")], None, tok.pad_token_id
     model.save_pretrained(out)
@@ -83,7 +79,7 @@ def train_overrides(assets, out, *extra) -> list[str]:
         "train.lr=1e-3",
         "train.impl=torch",
         "run.val_every=0",
-        "run.tensorboard=false",
+        "run.loggers=[]",
         *extra,
     ]
 

@@ -13,16 +13,15 @@ from vppo.config import Config, load_config
 from vppo.spotlight import variant
 
 
-@pytest.mark.parametrize("family", sorted(bases.SHIPPED))
-def test_shipped_bases_verify_and_load(family):
+@pytest.mark.parametrize("synth_family, model_family", sorted(bases.SHIPPED))
+def test_shipped_bases_verify_and_load(synth_family, model_family):
     from transformers import AutoConfig, AutoProcessor
 
-    folder = bases.shipped_base(family)
+    folder = bases.shipped_base(synth_family, model_family)
     sums = bases.verify(folder)
-    assert {"model.safetensors", "config.json", "tokenizer.json", "warm_start.json", "shipped.json"} <= set(
-        sums
-    )
-    assert AutoConfig.from_pretrained(folder).model_type == "qwen2_5_vl"
+    need = {"model.safetensors", "config.json", "tokenizer.json", "warm_start.json", "shipped.json"}
+    assert need <= set(sums)
+    assert AutoConfig.from_pretrained(folder).model_type == model_family
     assert AutoProcessor.from_pretrained(folder).tokenizer.padding_side in ("left", "right")
     meta = json.loads((folder / bases.SHIP_INFO).read_text())
     assert meta["weights_sha"] == bases.weights_fingerprint(folder)
@@ -31,14 +30,15 @@ def test_shipped_bases_verify_and_load(family):
     assert ws["in_band"] and "machine" in ws["packages"] and ws["threads"] >= 1
 
 
-@pytest.mark.parametrize("family", sorted(bases.SHIPPED))
-def test_synthetic_sets_are_bitwise_the_sets_the_bases_were_built_on(family, tmp_path):
+@pytest.mark.parametrize("synth_family, model_family", sorted(bases.SHIPPED))
+def test_synthetic_sets_are_bitwise_the_sets_the_bases_were_built_on(synth_family, model_family, tmp_path):
     """The synthetic set is generated deterministically: rebuilt here, every split hashes to what the
     shipped base recorded (so a run on this machine trains on the same bytes)."""
-    synth.write_synth(variant(family)[0], tmp_path)
-    assert bases.check_synth(bases.shipped_base(family), tmp_path) == []
+    synth.write_synth(variant(synth_family, model_family)[0], tmp_path)
+    base = bases.shipped_base(synth_family, model_family)
+    assert bases.check_synth(base, tmp_path) == []
     (tmp_path / "val.parquet").write_bytes(b"x")
-    assert bases.check_synth(bases.shipped_base(family), tmp_path) == ["val.parquet"]
+    assert bases.check_synth(base, tmp_path) == ["val.parquet"]
 
 
 def _copy(tmp_path, name="tiny"):
@@ -80,6 +80,8 @@ def test_an_lfs_pointer_missing_file_or_stray_file_is_named(tmp_path):
 def test_shipped_base_of_an_unknown_family_and_a_missing_folder(tmp_path):
     with pytest.raises(bases.BaseError, match="no shipped base for data.synth='nope'"):
         bases.shipped_base("nope")
+    with pytest.raises(bases.BaseError, match="model.tiny_family='qwen3_vl'"):
+        bases.shipped_base("spotlight", "qwen3_vl")
     with pytest.raises(bases.BaseError, match="is missing"):
         bases.shipped_base("default", root=tmp_path)
 
@@ -106,7 +108,11 @@ def test_the_loop_starts_from_the_shipped_base(monkeypatch, capsys):
     cfg = load_config(None, ["data.synth=spotlight"])
     train.resolve_defaults(cfg)
     assert cfg.model.path == str(bases.BASES_DIR / "spotlight")
+    cfg = load_config(None, ["model.tiny_family=qwen3_vl"])
+    train.resolve_defaults(cfg)
+    assert cfg.model.path == str(bases.BASES_DIR / "tiny_qwen3_vl")
     assert bases.weights_fingerprint(cfg.model.path) in capsys.readouterr().out
+    capsys.readouterr()
     built = []
     monkeypatch.setattr(train, "ensure_tiny_model", lambda c: built.append(c) or "/built")
     cfg = load_config(None, ["model.base=build"])

@@ -1,5 +1,6 @@
-"""Padding-free passes (vppo.packing) on the micro Qwen2.5-VL: packed rows give the padded rows'
-rope positions, scores and gradients; token-budget micro-batches give the row split's gradient;
+"""Padding-free passes (vppo.packing): on the micro model of every family (Qwen2.5-VL, Qwen3-VL)
+packed rows give the padded rows' rope positions, scores and gradients; token-budget micro-batches
+give the row split's gradient;
 Karmarkar-Karp balancing moves rows between ranks without changing the global mini-batch."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
+from helpers import FAMILIES, ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
 
 RESP_LENS = [10, 3, 7, 1, 10, 5]  # mixed response lengths (rows 0-5), a vision token in row 2
 
@@ -30,8 +31,19 @@ def assets(tmp_path_factory):
     return make_micro_model(d / "model", layers=2), make_synth(d / "synth", n_train=16, n_val=4, n_test=4)
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, assets, tmp_path_factory):
+    """A micro model of each family. Qwen3-VL: DeepStack from both vision layers, added after LLM
+    layers 0 and 1, so three LLM layers (added after the last one, a DeepStack feature would never
+    reach a response position and its merger would get no gradient)."""
+    if request.param == "qwen2_5_vl":
+        return assets[0]
+    d = tmp_path_factory.mktemp(request.param)
+    return make_micro_model(d / "model", layers=3, vision_depth=2, family=request.param)
+
+
 @pytest.fixture(scope="module")
-def batch(assets):
+def batch(family_model, assets):
     """(model with a FusedLMHead, token ids, a trajectory): 3 prompts of different lengths x 2
     responses of lengths RESP_LENS, a vision token inside response 2, perturbed images."""
     from transformers import AutoModelForImageTextToText
@@ -42,7 +54,7 @@ def batch(assets):
     from vppo.perturb import PerturbSpec, perturb_pixel_values
     from vppo.tokens import token_ids
 
-    path, synth = assets
+    path, synth = family_model, assets[1]
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     FusedLMHead.replace(model)
     proc = load_processor(path)
@@ -353,9 +365,22 @@ def test_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path, monkeyp
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    for k in ("kernel_tests", "kernel_bench", "packing_gpu"):
+    for k in ("kernel_tests", "kernel_bench", "packing_gpu", "qwen3_vl_gpu"):
         assert res[k] == {"status": "SKIPPED", "reason": "no CUDA device"}, k
     assert res["packing_cpu"]["status"] == "ok" and 0.4 < res["packing_cpu"]["7b"]["pad_frac"] < 0.7
     printed = capsys.readouterr().out
     assert "kernel_tests: SKIPPED (no CUDA device)" in printed and "packing_gpu: SKIPPED" in printed
+    assert "qwen3_vl_gpu: SKIPPED (no CUDA device)" in printed
     assert "| packing_cpu | ok | tiny: pad" in (tmp_path / "README_table.md").read_text()
+
+
+def test_gpu_checks_qwen3_vl_step_on_a_micro_shape_in_fp32():
+    """The Qwen3-VL step of make gpu-check (8B-shaped on the GPU) on a micro shape on the CPU: packed
+    and padded agree on the response hidden states and every scoring-pass field (images repeat over
+    rows, so the DeepStack features go through the shared-image path)."""
+    from bench.gpu_check import Q3_MICRO, qwen3_vl_check
+
+    r = qwen3_vl_check(Q3_MICRO, "cpu", torch.float32, grid=4)
+    assert r["status"] == "ok", r
+    for k in ("hidden", "old_logp", "entropy", "kl", "k3"):
+        assert r[f"{k}_max_abs_diff"] < 1e-4, (k, r)

@@ -1,8 +1,11 @@
+"""The perturbation on each family's grid (vppo.models: Qwen2.5-VL 14-px patches on a 28-px grid,
+Qwen3-VL 16-px patches on a 32-px grid): rows of pixel_values are whole vision patches."""
+
 import numpy as np
 import pytest
 import torch
+from helpers import FAMILIES
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 from vppo.perturb import (
     PerturbSpec,
@@ -18,9 +21,24 @@ from vppo.perturb import (
 MIN_PX, MAX_PX = 3136, 50176
 
 
-@pytest.fixture(scope="module")
-def proc():
-    return Qwen2VLImageProcessor(min_pixels=MIN_PX, max_pixels=MAX_PX)
+@pytest.fixture(scope="module", params=FAMILIES)
+def proc(request):
+    """The image processor of each family's processor (as the micro models and tiny bases build it)."""
+    from vppo.models import family
+    from vppo.tiny import build_tokenizer
+
+    fam = family(request.param)
+    return fam.build_processor(build_tokenizer(["a b"] * 3, vocab_size=300), MIN_PX, MAX_PX).image_processor
+
+
+def _grid(proc):
+    """(patch, merge, the factor images are resized to multiples of)."""
+    return proc.patch_size, proc.merge_size, proc.patch_size * proc.merge_size
+
+
+def _spec(proc, **kw):
+    """A PerturbSpec whose blackening cell is the processor's vision patch."""
+    return PerturbSpec(patch_size=proc.patch_size, **kw)
 
 
 def _img(h, w, seed=0):
@@ -34,21 +52,22 @@ def _process(proc, images):
 
 def _black_row(proc):
     mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
-    return ((0 - mean) / std).repeat_interleave(proc.temporal_patch_size * 14 * 14)
+    return ((0 - mean) / std).repeat_interleave(proc.temporal_patch_size * proc.patch_size**2)
 
 
 def test_unpatchify_inverts_the_processor(proc):
+    p, m, factor = _grid(proc)
     img = _img(73, 100)
     pv, grid = _process(proc, [img])
     (gt, gh, gw) = grid[0].tolist()
-    frames = unpatchify(pv, (gt, gh, gw), 3, 2, 14, 2)  # (T, C, H, W)
-    assert frames.shape == (2, 3, gh * 14, gw * 14)
-    assert torch.equal(patchify(frames, 3, 2, 14, 2), pv)
+    frames = unpatchify(pv, (gt, gh, gw), 3, 2, p, m)  # (T, C, H, W)
+    assert frames.shape == (2, 3, gh * p, gw * p)
+    assert torch.equal(patchify(frames, 3, 2, p, m), pv)
     # the frames are the normalised image: checked on an image the processor does not resize
-    r = resize_for_processor(img, MIN_PX, MAX_PX)
-    assert (r.height, r.width) == (gh * 14, gw * 14)
+    r = resize_for_processor(img, MIN_PX, MAX_PX, factor)
+    assert (r.height, r.width) == (gh * p, gw * p)
     pv, grid = _process(proc, [r])
-    frames = unpatchify(pv, (gt, gh, gw), 3, 2, 14, 2)
+    frames = unpatchify(pv, (gt, gh, gw), 3, 2, p, m)
     x = torch.from_numpy(np.asarray(r, dtype=np.float32)).permute(2, 0, 1) / 255
     mean, std = torch.tensor(proc.image_mean).view(3, 1, 1), torch.tensor(proc.image_std).view(3, 1, 1)
     torch.testing.assert_close(frames[0], (x - mean) / std, atol=1e-5, rtol=0)
@@ -56,7 +75,7 @@ def test_unpatchify_inverts_the_processor(proc):
 
 def test_patch_blacken_rows(proc):
     pv, grid = _process(proc, [_img(73, 100)])
-    spec = PerturbSpec()
+    spec = _spec(proc)
     out = perturb_pixel_values(pv, grid, spec, [123], proc)
     assert out.shape == pv.shape and out.dtype == pv.dtype
     black = _black_row(proc)
@@ -64,25 +83,28 @@ def test_patch_blacken_rows(proc):
     unchanged = torch.equal(out[~is_black], pv[~is_black])
     assert unchanged  # untouched rows are bit-identical
     frac = is_black.float().mean().item()
-    assert 0.25 < frac < 0.75, frac  # 48 cells at p = 0.5
+    assert 0.25 < frac < 0.75, frac  # 48 (Qwen3-VL: 32) cells at p = 0.5
+    # the grid is kept and every vision patch is blackened whole or left alone
+    assert out.shape[1] == 3 * proc.temporal_patch_size * proc.patch_size**2
     # seeded: same seed same mask, another seed (another trajectory) another mask
     assert torch.equal(perturb_pixel_values(pv, grid, spec, [123], proc), out)
     assert not torch.equal(perturb_pixel_values(pv, grid, spec, [124], proc), out)
-    assert torch.equal(perturb_pixel_values(pv, grid, PerturbSpec(patch_prob=0.0), 1, proc), pv)
-    all_black = perturb_pixel_values(pv, grid, PerturbSpec(patch_prob=1.0), 1, proc)
+    assert torch.equal(perturb_pixel_values(pv, grid, _spec(proc, patch_prob=0.0), 1, proc), pv)
+    all_black = perturb_pixel_values(pv, grid, _spec(proc, patch_prob=1.0), 1, proc)
     assert torch.isclose(all_black, black[None], atol=1e-6).all()
 
 
 def test_pixel_values_route_equals_pil_route(proc):
-    # Blackening the rows of pixel_values == blackening 14x14 cells of the resized image and
+    # Blackening the rows of pixel_values == blackening patch x patch cells of the resized image and
     # processing it again (the paper's definition), cell for cell; the grid is unchanged.
     img = _img(90, 61, seed=3)
-    resized = resize_for_processor(img, MIN_PX, MAX_PX)
+    resized = resize_for_processor(img, MIN_PX, MAX_PX, _grid(proc)[2])
     assert resized.size != img.size
     pv, grid = _process(proc, [resized])  # the processor leaves an already-resized image as it is
     assert torch.equal(grid, _process(proc, [img])[1])
     for spec in [
-        PerturbSpec(),
+        _spec(proc),
+        PerturbSpec(),  # 14-px cells: on Qwen3-VL across patches (the released 8B code's cell size)
         PerturbSpec(kind="grey"),
         PerturbSpec(kind="noise"),
         PerturbSpec(kind="blur"),
@@ -102,7 +124,7 @@ def test_pixel_values_route_equals_pil_route(proc):
 def test_every_kind_changes_the_input_and_keeps_the_grid(proc, kind):
     images = [_img(73, 100, 1), _img(56, 56, 2), _img(200, 150, 3)]  # three grids in one batch
     pv, grid = _process(proc, images)
-    spec = PerturbSpec(kind=kind)
+    spec = _spec(proc, kind=kind)
     seeds = [trajectory_seed(0, 0, i) for i in range(3)]
     out = perturb_pixel_values(pv, grid, spec, seeds, proc)
     assert out.shape == pv.shape
@@ -116,11 +138,12 @@ def test_every_kind_changes_the_input_and_keeps_the_grid(proc, kind):
     if kind == "grey":
         assert torch.allclose(out, out[:1].expand_as(out))
     if kind == "blur":  # smoother: neighbouring pixels closer than in the random image
-        f0 = unpatchify(pv[: sizes[0]], tuple(grid[0].tolist()), 3, 2, 14, 2)
-        f1 = unpatchify(out[: sizes[0]], tuple(grid[0].tolist()), 3, 2, 14, 2)
+        p, m, _ = _grid(proc)
+        f0 = unpatchify(pv[: sizes[0]], tuple(grid[0].tolist()), 3, 2, p, m)
+        f1 = unpatchify(out[: sizes[0]], tuple(grid[0].tolist()), 3, 2, p, m)
         assert f1.diff(dim=-1).abs().mean() < 0.2 * f0.diff(dim=-1).abs().mean()
-    if kind == "noise":  # sigma 189 on 0..255 (clipped): a large change
-        assert (out - pv).abs().mean() > 1.0
+    if kind == "noise":  # sigma 189 on 0..255 (clipped): a large change, over 67 grey levels on average
+        assert (out - pv).abs().mean() * std.min() * 255 > 67
 
 
 def test_bf16_pixel_values(proc):

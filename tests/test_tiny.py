@@ -1,10 +1,13 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from helpers import FAMILIES
 
 from vppo import tiny
 from vppo.data import encode_prompts, load_problems, render_prompt, vision_token_ids
+from vppo.models import family
 from vppo.synth import SynthConfig, ensure_synth_data
 from vppo.tiny import SPECIAL_TOKENS, TinyConfig
 
@@ -34,11 +37,16 @@ def synth_dir(tmp_path_factory):
     return ensure_synth_data(MICRO.synth, tmp_path_factory.mktemp("synth"))
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, synth_dir):
-    out = tmp_path_factory.mktemp("tiny")
-    info = tiny.build_tiny_model(out, MICRO, synth_dir)
-    return out, info
+@pytest.fixture(scope="module", params=FAMILIES)
+def built(request, tmp_path_factory, synth_dir):
+    """A micro build of each family (Qwen3-VL: the pixel bounds `spotlight.variant` gives its grid)."""
+    cfg = MICRO
+    if request.param != MICRO.family:
+        g = family(request.param).grid
+        cfg = replace(MICRO, family=request.param, min_pixels=(2 * g) ** 2, max_pixels=(3 * g) ** 2)
+    out = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    info = tiny.build_tiny_model(out, cfg, synth_dir)
+    return out, info, request.param
 
 
 def test_tokenizer_has_qwen_specials_and_template(synth_dir):
@@ -75,9 +83,11 @@ def test_sft_batch_layout(synth_dir):
 
 
 def test_micro_build_loads_like_a_released_checkpoint(built, synth_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out, info = built
+    out, info, name = built
+    fam = family(name)
     saved = json.loads((out / tiny.INFO_FILE).read_text())
     meta = json.loads((synth_dir / "meta.json").read_text())
     assert saved["text_only_baseline"]["val"] == meta["text_only_baseline"]["val"]["all"]
@@ -89,9 +99,10 @@ def test_micro_build_loads_like_a_released_checkpoint(built, synth_dir):
     assert load_prompt_suffix(out) == MICRO.prompt_suffix == saved["prompt_suffix"] == tiny.PROMPT_SUFFIX
 
     proc = AutoProcessor.from_pretrained(out, local_files_only=True)
-    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
-    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessor"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    assert type(proc).__name__ == fam.processor_class
+    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessor"  # both families use it
+    assert proc.image_processor.patch_size == fam.patch
+    model = getattr(transformers, fam.hf_class).from_pretrained(out, local_files_only=True)
     auto = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
     tok = proc.tokenizer
     eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
@@ -104,7 +115,7 @@ def test_micro_build_loads_like_a_released_checkpoint(built, synth_dir):
     proc.tokenizer.padding_side = "left"
     batch = encode_prompts(problems, proc)
     grid = batch["image_grid_thw"]
-    assert grid.tolist() == [[1, 6, 6]] * 3  # 84 x 84 images, 14-pixel patches
+    assert grid.tolist() == [[1, 6, 6]] * 3  # 84 x 84 images: 14-px patches, or 96 x 96 and 16-px
     n_pad = (batch["input_ids"] == proc.image_token_id).sum(1)
     assert n_pad.tolist() == (grid.prod(-1) // 4).tolist()
     with torch.no_grad():
@@ -174,3 +185,22 @@ def test_config_is_checked():
         TinyConfig(hidden_size=40, num_heads=4)
     with pytest.raises(ValueError, match="vocab_size"):
         tiny.build_tokenizer(["a"], vocab_size=100)
+
+
+def test_family_is_checked_and_the_qwen2_5_vl_base_keeps_its_cache_key():
+    from dataclasses import asdict
+
+    from vppo import paths
+    from vppo.spotlight import variant
+    from vppo.synth import SYNTH_VERSION
+
+    with pytest.raises(ValueError, match="supported model types: qwen2_5_vl, qwen3_vl"):
+        TinyConfig(family="llava")
+    # the key of the base built before families existed (no family field): its cache stays valid
+    d = asdict(TinyConfig())
+    del d["family"]
+    old = paths.artifact_key({"tiny": d, "tiny_version": tiny.TINY_VERSION, "synth_version": SYNTH_VERSION})
+    assert tiny.tiny_key(TinyConfig()) == old == tiny.tiny_key(variant("default")[1])
+    q3 = variant("default", "qwen3_vl")[1]
+    assert (q3.family, q3.min_pixels, q3.max_pixels) == ("qwen3_vl", 64 * 64, 96 * 96)
+    assert tiny.tiny_key(q3) != old

@@ -1,5 +1,6 @@
-"""The training loop on a micro Qwen2.5-VL: one step in-process, and the run-level guarantees
-(distributed equivalence, kill-and-resume, config errors) in subprocesses."""
+"""The training loop on the micro models: one step in-process, and the run-level guarantees
+(distributed equivalence, kill-and-resume, config errors) in subprocesses. The tests that take
+`fassets` run on every model family (Qwen2.5-VL, Qwen3-VL); the others on Qwen2.5-VL."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
+from helpers import FAMILIES, ROOT, make_micro_model, make_synth, subprocess_env, train_overrides, train_setup
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,20 @@ def assets(tmp_path_factory):
     return make_micro_model(d / "model"), make_synth(d / "synth", n_train=32, n_val=4, n_test=4)
 
 
-def test_vppo_step_moves_every_trainable_parameter(assets, tmp_path):
+@pytest.fixture(scope="module", params=FAMILIES)
+def fassets(request, assets, tmp_path_factory):
+    """(micro model of each family, the synthetic set). Qwen3-VL: two LLM layers, so the DeepStack
+    feature (added after layer 0) reaches the responses and its merger trains."""
+    if request.param == "qwen2_5_vl":
+        return assets
+    d = tmp_path_factory.mktemp(request.param)
+    return make_micro_model(d / "model", layers=2, family=request.param), assets[1]
+
+
+def test_vppo_step_moves_every_trainable_parameter(fassets, tmp_path):
     from vppo.train import train_step
 
-    run = train_setup(assets, tmp_path)
+    run = train_setup(fassets, tmp_path)
     before = {k: p.detach().clone() for k, p in run.hf.named_parameters() if p.requires_grad}
     rec = train_step(run, 1)
     after = dict(run.hf.named_parameters())
@@ -44,10 +55,10 @@ def test_learning_rate_warms_up_linearly_then_stays(assets, tmp_path):
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
 
 
-def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_path):
-    from vppo.train import prepare
+def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(fassets, tmp_path):
+    from vppo.train import prepare, shape
 
-    run = train_setup(assets, tmp_path)
+    run = train_setup(fassets, tmp_path)
     traj, _ = prepare(run, 1)
     for clean, masked, grid in zip(traj.pixel_values, traj.masked_pixel_values, traj.image_grid_thw):
         assert masked.shape == clean.shape and grid.shape[0] >= 1
@@ -57,8 +68,11 @@ def test_perturbed_pass_sees_another_image_and_mask_keeps_ceil_k_L(assets, tmp_p
     assert torch.all(traj.kl[~valid] == 0)
     lengths = valid.sum(-1)
     want = torch.tensor([math.ceil(0.4 * int(n) - 1e-9) for n in lengths])
-    assert torch.equal(traj.token_mask.sum(-1), want)
+    assert torch.equal(traj.token_mask.sum(-1), want)  # TGF: the top 40 % of each response
     assert not bool((traj.token_mask & ~valid).any())
+    shaped, alpha = shape(run.cfg, traj.select(range(8)))  # TAS on one micro-batch of 8 rows
+    assert alpha.min() >= run.cfg.algo.b_min - 1e-6 and alpha.max() > alpha.min()
+    torch.testing.assert_close(shaped, alpha * traj.advantages[:8])
 
 
 def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
@@ -77,11 +91,11 @@ def test_non_finite_loss_skips_the_optimizer_step(assets, tmp_path):
     assert any(not torch.equal(before[k], p.detach()) for k, p in run.hf.named_parameters())
 
 
-def test_image_pad_token_in_a_response_does_not_break_scoring(assets, tmp_path):
+def test_image_pad_token_in_a_response_does_not_break_scoring(fassets, tmp_path):
     from vppo.loss import LossOptions, score
     from vppo.train import prepare
 
-    run = train_setup(assets, tmp_path)
+    run = train_setup(fassets, tmp_path)
     traj, _ = prepare(run, 1)
     first = traj.old_logp.clone()
     pad_id = run.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -222,7 +236,8 @@ def _records(out):
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(assets, tmp_path):
+def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(fassets, tmp_path):
+    assets = fassets
     ext = tmp_path / "torch_extensions"
     env = subprocess_env(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ext))
     a, b = tmp_path / "a", tmp_path / "b"

@@ -5,8 +5,10 @@ These tests need vllm: they carry the `vllm` marker, which the main environment 
 .ci/run): `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_engine.py`. Where vllm is missing
 and they are selected anyway they fail, never skip.
 
-The model is the micro Qwen2.5-VL of tests/helpers.py at hidden 64 (head_dim 32: vLLM's CPU attention
-has no kernel for 16) with the rope sections scaled to match (mrope_section sums to head_dim / 2).
+The models are the micro models of tests/helpers.py, one per family (Qwen2.5-VL, Qwen3-VL: every
+test runs on both), at hidden 64 (head_dim 32: vLLM's CPU attention has no kernel for 16; the family
+builders scale the rope sections to it); the Qwen3-VL one has two LLM layers and DeepStack from its
+one vision layer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_micro_model, make_synth, subprocess_env, train_overrides
+from helpers import FAMILIES, ROOT, make_micro_model, make_synth, subprocess_env, train_overrides
 
 pytestmark = pytest.mark.vllm
 
@@ -35,14 +37,11 @@ def _need_vllm():
         pytest.fail(f"the vllm tests need vllm (run them with `make test-vllm`): {e}")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm_assets")
-    model = make_micro_model(root / "micro", hidden=64)
-    cfg_file = model / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 8]  # head_dim 32
-    cfg_file.write_text(json.dumps(cfg))
+@pytest.fixture(scope="module", params=FAMILIES)
+def assets(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"vllm_assets_{request.param}")
+    layers = 2 if request.param == "qwen3_vl" else 1  # DeepStack after layer 0 reaches the responses
+    model = make_micro_model(root / "micro", hidden=64, layers=layers, family=request.param)
     return model, make_synth(root / "synth")
 
 

@@ -15,7 +15,8 @@ whenever the base is loaded, so a truncated file or a Git LFS pointer is an erro
 never a silently different model.
 
 `model.base` chooses, when `model.path` is null: `shipped` (the default) loads `bases/<name>/` for the
-task family `data.synth` (SHIPPED); `build` builds or finds one in the cache with vppo.tiny, as before
+task family `data.synth` and the model family `model.tiny_family` (SHIPPED); `build` builds or finds
+one in the cache with vppo.tiny, as before
 (still tested, and what `ship` copies from).
 """
 
@@ -33,8 +34,13 @@ from vppo.paths import REPO_ROOT
 BASES_DIR = REPO_ROOT / "bases"
 SUMS = "SHA256SUMS"
 SHIP_INFO = "shipped.json"  # what was shipped from where: the synthetic set's hashes, the source folder
-# data.synth (the task family) -> the shipped base's folder under bases/
-SHIPPED = {"default": "tiny", "spotlight": "spotlight", "multiread": "multiread"}
+# (data.synth, model.tiny_family) -> the shipped base's folder under bases/
+SHIPPED = {
+    ("default", "qwen2_5_vl"): "tiny",
+    ("spotlight", "qwen2_5_vl"): "spotlight",
+    ("multiread", "qwen2_5_vl"): "multiread",
+    ("default", "qwen3_vl"): "tiny_qwen3_vl",
+}
 
 
 class BaseError(ValueError):
@@ -96,14 +102,15 @@ def verify(folder: str | Path) -> dict[str, str]:
     return sums
 
 
-def shipped_base(synth: str = "default", root: str | Path | None = None) -> Path:
-    """The verified folder of the shipped base for the task family `synth` (data.synth)."""
-    if synth not in SHIPPED:
+def shipped_base(synth: str = "default", family: str = "qwen2_5_vl", root: str | Path | None = None) -> Path:
+    """The verified folder of the shipped base for the task family `synth` (data.synth) and the model
+    family `family` (model.tiny_family)."""
+    if (synth, family) not in SHIPPED:
         raise BaseError(
-            f"no shipped base for data.synth={synth!r} (shipped: {sorted(SHIPPED)}); "
-            "use model.base=build to build one with vppo.tiny"
+            f"no shipped base for data.synth={synth!r} with model.tiny_family={family!r} (shipped: "
+            f"{', '.join(f'{s}/{f}' for s, f in SHIPPED)}); use model.base=build to build one with vppo.tiny"
         )
-    folder = Path(root or BASES_DIR) / SHIPPED[synth]
+    folder = Path(root or BASES_DIR) / SHIPPED[synth, family]
     if not folder.is_dir():
         raise BaseError(f"the shipped base {folder} is missing (a partial checkout?)")
     verify(folder)
@@ -173,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("src")
     s.add_argument("name")
     s.add_argument("--synth", help="data.synth family whose synthetic set the base was built on (hashed)")
+    s.add_argument(
+        "--family", default="qwen2_5_vl", help="model.tiny_family of the base (its synthetic set's cell)"
+    )
     args = ap.parse_args(argv)
     if args.cmd == "ship":
         hashes = None
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             from vppo.spotlight import variant  # heavy (torch): only when shipping
             from vppo.synth import ensure_synth_data
 
-            hashes = synth_hashes(ensure_synth_data(variant(args.synth)[0]))
+            hashes = synth_hashes(ensure_synth_data(variant(args.synth, args.family)[0]))
         print(ship(args.src, args.name, synth_hashes=hashes))
         return 0
     names = getattr(args, "names", None) or sorted(p.name for p in BASES_DIR.iterdir() if p.is_dir())

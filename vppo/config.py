@@ -65,8 +65,11 @@ class ModelConfig:
         "sdpa", "attention; flash_attention_2 falls back to sdpa when flash-attn is not installed"
     )
     gradient_checkpointing: bool = _f(False, "non-reentrant activation checkpointing")
-    liger: bool = _f(False, "apply Liger-Kernel's Qwen2.5-VL patches")
+    liger: bool = _f(False, "apply Liger-Kernel's patches for the model family (vppo.models)")
     freeze_vision: bool = _f(False, "freeze the vision tower (the released recipe trains it)")
+    tiny_family: Literal["qwen2_5_vl", "qwen3_vl"] = _f(
+        "qwen2_5_vl", "model family of the tiny base built when model.path is null (vppo.models)"
+    )
 
 
 @dataclass
@@ -839,15 +842,16 @@ def check_sources(cfg: Config) -> None:
         from vppo.bases import SHIPPED  # a few constants; the files are checked when the loop loads them
 
         _check(
-            d.synth in SHIPPED, "model.base",
-            f"has no shipped base for data.synth={d.synth!r} (shipped: {sorted(SHIPPED)}); "
-            "use model.base=build", m.base,
+            (d.synth, m.tiny_family) in SHIPPED, "model.base",
+            f"has no shipped base for data.synth={d.synth!r}, model.tiny_family={m.tiny_family!r} (shipped: "
+            f"{', '.join(f'{s}/{f}' for s, f in SHIPPED)}); use model.base=build", m.base,
         )  # fmt: skip
     if m.path is not None:
         p = Path(m.path).expanduser()
         if p.exists():
             _check(p.is_dir(), "model.path", "must be a model folder, not a file", m.path)
             _check((p / "config.json").is_file(), "model.path", "is a folder without config.json", m.path)
+            _check_family(p / "config.json", m.path)
         elif _looks_local(m.path) or not _HUB_NAME.match(m.path):
             _check(False, "model.path", f"does not exist (no such folder from {Path.cwd()})", m.path)
         else:
@@ -913,6 +917,19 @@ def check_engine(cfg: Config) -> None:
     for key, heads in _attention_heads(cfg.model.path).items():
         ok = heads % tp == 0 or (key == "num_key_value_heads" and tp % heads == 0)
         _check(ok, "rollout.tensor_parallel_size", f"must divide {key} ({heads}) of {cfg.model.path}", tp)
+
+
+def _check_family(config_json: Path, path: str) -> None:
+    """The model's config.json names a model_type that vppo.models has a family for (no weights read)."""
+    from vppo.models import model_type_of_path, supported
+
+    mt = model_type_of_path(config_json.parent)
+    _check(
+        mt is None or mt in supported(),  # none named: the loader says what is missing
+        "model.path",
+        f"has model_type {mt!r}, which no vppo.models family handles (supported: {', '.join(supported())})",
+        path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from vppo.config import Config, deepspeed_config, resolve_attn_impl
 from vppo.distributed import all_reduce
+from vppo.models import family_of
 from vppo.packing import Packed, packed_hidden
 from vppo.rollout import response_hidden
 
@@ -95,21 +96,21 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def load_policy(cfg: Config) -> nn.Module:
-    """The Hugging Face model of cfg.model (local files only), its lm_head a FusedLMHead."""
+    """The Hugging Face model of cfg.model (local files only), its lm_head a FusedLMHead; the
+    family-specific pieces (Liger patch, vision tower) from its `vppo.models` family."""
     hf = AutoModelForImageTextToText.from_pretrained(
         cfg.model.path,
         dtype=getattr(torch, cfg.model.dtype),
         attn_implementation=resolve_attn_impl(cfg.model.attn_impl),
         local_files_only=True,
     )
+    fam = family_of(hf)  # vppo.config.check_sources refused an unsupported model_type before this load
     if cfg.model.liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl  # optional extra
-
-        apply_liger_kernel_to_qwen2_5_vl(model=hf, fused_linear_cross_entropy=False, cross_entropy=False)
+        fam.apply_liger(hf)
     if cfg.model.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.freeze_vision:
-        for p in hf.model.visual.parameters():
+        for p in fam.vision_tower(hf).parameters():
             p.requires_grad_(False)
     FusedLMHead.replace(hf)
     if torch.cuda.is_available():

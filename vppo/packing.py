@@ -9,7 +9,8 @@ rows one after the other:
   position ids  (4, 1, T): channel 0 the text position within each row (0, 1, ..., len_i - 1),
                 channels 1-3 the M-RoPE (temporal, height, width) ids each token has in the
                 padded layout, computed by the model's own `get_rope_index` on the padded rows
-                (the very call the padded forward makes) and then stripped of the pads, so the
+                (the very call the padded forward makes; the family's `rope_positions`,
+                `vppo.models`) and then stripped of the pads, so the
                 image grid and the rope positions of the two layouts cannot drift apart;
   images        the rows' pixel_values / image_grid_thw in row order (the placeholders of the
                 packed sequence are in that order too);
@@ -17,17 +18,16 @@ rows one after the other:
                 response tokens, in the row-major order of `response_mask` -- the [N, H] rows that
                 `vppo.loss.score` and `vppo.loss.vppo_loss_linear` take, unchanged.
 
-Attention. Nothing here builds a mask: the packed forward gives Qwen2.5-VL 4-channel position ids
-and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a packed batch: its
-`create_causal_mask` finds the row boundaries where the text position does not grow by one and,
-for sdpa / eager attention, builds the block-diagonal causal mask (a (1, 1, T, T) boolean mask:
-exact, runs on the CPU and in the tests here with no flash-attn); under flash_attention_2 the
+Attention. Nothing here builds a mask: the packed forward gives the model (Qwen2.5-VL or Qwen3-VL)
+4-channel position ids and no attention_mask, the form transformers (>= 4.54, 5.x) reads as a packed
+batch: its `create_causal_mask` finds the row boundaries where the text position does not grow by
+one and, for sdpa / eager attention, builds the block-diagonal causal mask (a (1, 1, T, T) boolean
+mask: exact, runs on the CPU and in the tests here with no flash-attn); under flash_attention_2 the
 same position ids become cu_seqlens and flash-attn's varlen kernel runs with no mask at all. We
 chose this over our own per-segment SDPA loop or flex attention because it is the path the model
 code itself maintains (the mask, the rotary embedding and the FA2 kwargs come from one place), it
-needs no patching of the attention modules, and the same inputs run on the CPU and on the GPU.
-The sdpa mask is O(T^2) bytes: on a GPU without flash-attn bound T with
-train.max_tokens_per_micro.
+needs no patching of the attention modules, and the same inputs run on the CPU and on the GPU. The
+sdpa mask is O(T^2) bytes: on a GPU without flash-attn bound T with train.max_tokens_per_micro.
 
 `micro_batches` fills micro-batches by token count (train.max_tokens_per_micro) with the same
 number of micro-batches on every rank (ZeRO-2/3 run collectives per forward / backward), and
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vppo.models import family_of
 from vppo.rollout import model_inputs, shared_image_features
 from vppo.trajectory import Trajectory
 
@@ -64,17 +65,10 @@ class Packed:
 
 
 def rope_positions(hf, inputs: dict) -> torch.Tensor:
-    """(3, b, L) M-RoPE ids of the padded rows, as the padded forward computes them: the model's
-    `get_rope_index` over the valid tokens when the rows carry images, else 0..L-1 on every row
-    (what Qwen2.5-VL's text model falls back to without an image grid)."""
-    ids = inputs["input_ids"]
-    if inputs.get("image_grid_thw") is None:
-        return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
-    pos, _ = hf.model.get_rope_index(
-        input_ids=ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
-    )  # fmt: skip
-    return pos
+    """(3, b, L) M-RoPE ids of the padded rows, as the padded forward computes them: the model
+    family's (`vppo.models`): its own `get_rope_index` over the valid tokens when the rows carry
+    images, else its text-only fallback."""
+    return family_of(hf).rope_positions(hf, inputs)
 
 
 def pack(hf, inputs: dict, response_mask: torch.Tensor, prompt_len: int) -> Packed:

@@ -6,13 +6,17 @@ perturb the processor's output, not the raw image:
 
     pv_masked = perturb_pixel_values(pixel_values, image_grid_thw, spec, seeds, image_processor)
 
-`pixel_values` of the Qwen2-VL / Qwen2.5-VL image processor is [num_patches, C*T*p*p]: each row
-is one p x p patch (p = 14) of the RESIZED image (smart_resize to multiples of 28 within
-min/max_pixels), normalised with image_mean / image_std, repeated over T = temporal_patch_size
-frames, and ordered by 2x2 merge blocks (block row, block col, row in block, col in block).
-One row is therefore exactly one 14x14 cell of the resized image, which is the paper's
-"random patch blackening after the processor's resize": a cell is blackened by setting its row
-to the normalised value of pixel 0, (0 - mean_c) / std_c per channel. Untouched rows stay
+`pixel_values` of the Qwen2-VL image processor (which Qwen2.5-VL and Qwen3-VL both use) is
+[num_patches, C*T*p*p]: each row is one p x p vision patch of the RESIZED image (smart_resize to
+multiples of p * merge within min/max_pixels), normalised with image_mean / image_std, repeated over
+T = temporal_patch_size frames, and ordered by merge x merge blocks (block row, block col, row in
+block, col in block). The patch p, merge and normalisation are read from the image processor, so the
+grid is the model family's (`vppo.models`): Qwen2.5-VL p = 14 on a 28-px grid, Qwen3-VL p = 16 on
+a 32-px grid (mean = std = 0.5). With algo.patch_size = p one row is exactly one cell of the resized
+image, which is the paper's "random patch blackening after the processor's resize": a cell is
+blackened by setting its row to the normalised value of pixel 0, (0 - mean_c) / std_c per channel.
+Another cell size (14 on Qwen3-VL, as the released 8B code blackens 14-px cells of the PIL image)
+goes through pixel space like the other kinds, cells straddling vision patches. Untouched rows stay
 bit-identical. The other perturbations (Gaussian noise sigma=189 on 0..255, Gaussian blur of
 radius 6, uniform grey 128) are applied in pixel space after un-patchifying, then patchified
 again; noise is clipped to [0, 255] (a real image cannot leave that range).
@@ -43,7 +47,7 @@ KINDS = ("patch_blacken", "noise", "blur", "grey")
 @dataclass(frozen=True)
 class PerturbSpec:
     kind: Literal["patch_blacken", "noise", "blur", "grey"] = "patch_blacken"
-    patch_size: int = 14  # blackening cell, in pixels of the resized image
+    patch_size: int = 14  # blackening cell, in pixels of the resized image (the vision patch: one row)
     patch_prob: float = 0.5
     noise_sigma: float = 189.0  # on 0..255
     blur_radius: float = 6.0  # Gaussian std in pixels
@@ -251,8 +255,9 @@ def perturb_pixel_values(
 def resize_for_processor(
     image: Image.Image, min_pixels: int, max_pixels: int, factor: int = 28
 ) -> Image.Image:
-    """The image at the size the Qwen2-VL processor resizes it to (smart_resize, bicubic), RGB;
-    processing the result again leaves its size unchanged."""
+    """The image at the size the Qwen2-VL image processor resizes it to (smart_resize, bicubic), RGB;
+    processing the result again leaves its size unchanged. factor: patch * merge of the family's
+    grid (`vppo.models.Family.grid`: 28 Qwen2.5-VL, 32 Qwen3-VL)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # heavy: ~1.3 s
 
     image = image.convert("RGB")

@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from vppo.distributed import zero3_ranks
+from vppo.models import family_of
 from vppo.trajectory import Trajectory
 
 
@@ -143,13 +144,14 @@ def model_inputs(
 def shared_image_features(model, pixel_values: torch.Tensor, grid: torch.Tensor):
     """The vision tower's output for a batch whose rows repeat images, computing each run of equal
     consecutive images once (the n responses of a prompt share its clean image); None when no image
-    repeats. `model` is the Qwen2.5-VL base model (`hf.model`); the result is what its forward takes
-    as `mm_encoder_outputs["image"]`, one pooled feature block per image of the batch, in order.
+    repeats. `model` is the base model (`hf.model`); the result is what its forward takes as
+    `mm_encoder_outputs["image"]`, every per-image output (the pooled features; Qwen3-VL's DeepStack
+    features too) one block per image of the batch, in order (the family's `share_image_features`).
 
     Vision attention never crosses images (cu_seqlens per image), so the features are those of the
     per-row computation; under autograd the repeated blocks sum their gradients into one tower pass.
     """
-    imgs = pixel_values.split(grid.prod(-1).tolist())  # per image: (t * h * w, C * 2 * 14 * 14)
+    imgs = pixel_values.split(grid.prod(-1).tolist())  # per image: (t * h * w, C * 2 * p * p)
     first, which = [], []  # index of each distinct image, and per image the distinct one it equals
     for i, im in enumerate(imgs):
         j = first[-1] if first else None
@@ -159,9 +161,7 @@ def shared_image_features(model, pixel_values: torch.Tensor, grid: torch.Tensor)
     if len(first) == len(imgs):
         return None
     feats = model.get_image_features(torch.cat([imgs[i] for i in first]), grid[first], return_dict=True)
-    per_image = feats.pooler_output  # tuple: (tokens_i, H) per distinct image
-    feats.pooler_output = tuple(per_image[j] for j in which)
-    return feats
+    return family_of(model).share_image_features(feats, which)
 
 
 def response_hidden(hf_model, inputs: dict, prompt_len: int) -> torch.Tensor:

@@ -28,12 +28,12 @@ import html
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from vppo import synth
+from vppo import models, synth
 from vppo.synth import SynthConfig
 from vppo.tiny import TinyConfig
 
@@ -46,14 +46,20 @@ MULTIREAD_TINY = dict(stop_low=0.35, stop_high=0.47, accept=(0.35, 0.45), max_ne
 SCORES = ("kl", "k3", "entropy", "random")
 
 
-def variant(name: str) -> tuple[SynthConfig, TinyConfig]:
-    """(synthetic set, tiny base) configs of the task family `name` (`data.synth`)."""
+def variant(name: str, family: str = "qwen2_5_vl") -> tuple[SynthConfig, TinyConfig]:
+    """(synthetic set, tiny base) configs of the task family `name` (`data.synth`), the base of model
+    family `family` (`model.tiny_family`; images resized to 2-3 cells of its grid on a side)."""
     if name not in synth.VARIANTS:
         raise ValueError(f"unknown synthetic variant {name!r}; known: {sorted(synth.VARIANTS)}")
     s = synth.VARIANTS[name]
     if name == "default":
-        return s, TinyConfig()
-    return s, TinyConfig(synth=s, **(MULTIREAD_TINY if name == "multiread" else SPOTLIGHT_TINY))
+        tiny_cfg = TinyConfig()
+    else:
+        tiny_cfg = TinyConfig(synth=s, **(MULTIREAD_TINY if name == "multiread" else SPOTLIGHT_TINY))
+    if family != tiny_cfg.family:
+        g = models.family(family).grid
+        tiny_cfg = replace(tiny_cfg, family=family, min_pixels=(2 * g) ** 2, max_pixels=(3 * g) ** 2)
+    return s, tiny_cfg
 
 
 # ----------------------------------------------------------------------------------------------------

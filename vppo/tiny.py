@@ -1,6 +1,8 @@
-"""The embedded tiny base model: a few-million-parameter Qwen2.5-VL that loads like the 7B one.
+"""The embedded tiny base model: a few-million-parameter Qwen2.5-VL that loads like the 7B one
+(or, `--family qwen3_vl`, a Qwen3-VL that loads like the 8B one: vppo/models/qwen3_vl.py).
 
-    python -m vppo.tiny            # build (or find in the cache) and print the path
+    python -m vppo.tiny                     # build (or find in the cache) and print the path
+    python -m vppo.tiny --family qwen3_vl   # the Qwen3-VL base (a run's model.tiny_family)
 
 Pieces, all standard Qwen2.5-VL classes saved with save_pretrained, so AutoProcessor.from_pretrained
 and Qwen2_5_VLForConditionalGeneration.from_pretrained read them exactly as they read
@@ -11,6 +13,9 @@ Qwen2.5-VL-7B-Instruct from a local folder:
 - model: Qwen2_5_VLForConditionalGeneration, about 2 M parameters (text: hidden 128, 4 layers,
   4 heads, 2 KV heads, untied lm_head as in the 7B; vision: depth 2, hidden 128, patch 14, merge 2);
 - generation config: eos <|im_end|> and <|endoftext|>, pad <|endoftext|> (as the 7B's).
+The Qwen3-VL base (TinyConfig.family) has the same sizes and warm start, built by its family module
+(Qwen3VLProcessor, patch 16 on a 32-px grid with images of 64-96 px a side, DeepStack from both
+vision layers, the Instruct template without a default system turn).
 
 Warm start: supervised next-token training on the synthetic train split (vppo.synth), loss on the
 `<think> ... </think> \\boxed{...}` response and its <|im_end|> only, prompts left-padded as
@@ -65,6 +70,8 @@ from vppo.data import (
     save_prompt_suffix,
     vision_token_ids,
 )
+from vppo.models import Size, family, supported
+from vppo.models.qwen2_5_vl import CHAT_TEMPLATE as QWEN2_5_VL_TEMPLATE
 from vppo.provenance import package_versions
 from vppo.synth import SYNTH_VERSION, SynthConfig, ensure_synth_data
 
@@ -90,26 +97,12 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-# The Qwen2-VL / Qwen2.5-VL-Instruct chat template, verbatim.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# The Qwen2-VL / Qwen2.5-VL-Instruct chat template (each family's lives in vppo.models).
+CHAT_TEMPLATE = QWEN2_5_VL_TEMPLATE
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_template: str = QWEN2_5_VL_TEMPLATE):
     """A Qwen2Tokenizer whose byte-level BPE is trained on `texts` (full chat-template renders are best).
 
     Same normaliser, pre-tokenizer (digits split one by one) and decoder as Qwen2; the Qwen2.5-VL
@@ -141,33 +134,29 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         vocab=model["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
     )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 
-def _corpus(problems: Sequence[Problem], suffix: str | None = PROMPT_SUFFIX) -> list[str]:
+def _corpus(
+    problems: Sequence[Problem], suffix: str | None = PROMPT_SUFFIX, chat_template: str = QWEN2_5_VL_TEMPLATE
+) -> list[str]:
     """The texts the model will read: rendered prompts (chat template, suffix) and responses."""
-    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(CHAT_TEMPLATE)
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
     prompts = [
         template.render(messages=build_messages(p, suffix), add_generation_prompt=True) for p in problems
     ]
     return [f"{q}{p.meta['response']}<|im_end|>\n" for q, p in zip(prompts, problems)]
 
 
-def build_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 84 * 84):
-    """Qwen2_5_VLProcessor around `tokenizer`: Qwen2-VL image (and video) processor, patch 14, merge 2."""
-    from transformers import Qwen2_5_VLProcessor  # heavy: ~1.3 s (all three)
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
+def build_processor(
+    tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 84 * 84, family_name: str = "qwen2_5_vl"
+):
+    """The family's processor around `tokenizer` (Qwen2.5-VL: the Qwen2-VL image and video processors,
+    patch 14, merge 2; Qwen3-VL: patch 16, merge 2)."""
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        chat_template=CHAT_TEMPLATE,
-    )
+    return family(family_name).build_processor(tokenizer, min_pixels, max_pixels)
 
 
 @dataclass(frozen=True)
@@ -175,6 +164,7 @@ class TinyConfig:
     """Everything the tiny base depends on (its hash names the cache folder)."""
 
     synth: SynthConfig = field(default_factory=SynthConfig)
+    family: str = "qwen2_5_vl"  # a vppo.models model_type
     vocab_size: int = 512
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -209,6 +199,7 @@ class TinyConfig:
     prompt_suffix: str | None = PROMPT_SUFFIX  # ends the chat prompt (a run's data.prompt_suffix)
 
     def __post_init__(self):
+        family(self.family)  # an unsupported family is an error naming the supported ones
         if not (0 < self.band[0] <= self.stop_low <= self.stop_high <= self.band[1] < 1):
             raise ValueError("need 0 < band[0] <= stop_low <= stop_high <= band[1] < 1")
         if not (self.band[0] <= self.accept[0] <= self.accept[1] <= self.band[1]):
@@ -221,61 +212,14 @@ class TinyConfig:
 
 
 def build_model(cfg: TinyConfig, tokenizer):
-    """A randomly initialised Qwen2_5_VLForConditionalGeneration sized by `cfg`, ids from `tokenizer`."""
-    from transformers import (  # heavy: ~1.3 s, the model code
-        GenerationConfig,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-
-    ids = tokenizer.convert_tokens_to_ids
-    half = cfg.hidden_size // cfg.num_heads // 2
-    # Qwen2.5-VL splits each rotary half into (temporal, height, width) sections, 16 / 24 / 24 of 64.
-    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-            bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<|im_end|>"),
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=cfg.vision_depth,
-            hidden_size=cfg.vision_hidden_size,
-            intermediate_size=cfg.vision_intermediate_size,
-            num_heads=cfg.vision_heads,
-            out_hidden_size=cfg.hidden_size,
-            fullatt_block_indexes=[cfg.vision_depth - 1],
-            window_size=112,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(cfg.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-    )
-    return model
+    """A randomly initialised model of cfg.family sized by `cfg`, ids from `tokenizer`."""
+    size = Size(
+        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_layers,
+        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, vision_depth=cfg.vision_depth,
+        vision_hidden=cfg.vision_hidden_size, vision_intermediate=cfg.vision_intermediate_size,
+        vision_heads=cfg.vision_heads,
+    )  # fmt: skip
+    return family(cfg.family).build_model(size, tokenizer, seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,9 +418,10 @@ def _threads() -> int:
 
 
 def tiny_key(cfg: TinyConfig) -> str:
-    return paths.artifact_key(
-        {"tiny": asdict(cfg), "tiny_version": TINY_VERSION, "synth_version": SYNTH_VERSION}
-    )
+    d = asdict(cfg)
+    if d["family"] == "qwen2_5_vl":
+        del d["family"]  # the key of the Qwen2.5-VL base from before families existed: its cache stays valid
+    return paths.artifact_key({"tiny": d, "tiny_version": TINY_VERSION, "synth_version": SYNTH_VERSION})
 
 
 def build_tiny_model(
@@ -493,8 +438,9 @@ def build_tiny_model(
         train = list(load_problems(synth_dir, "train"))
         val = list(load_problems(synth_dir, "val"))
         test = list(load_problems(synth_dir, "test"))
-        tokenizer = build_tokenizer(_corpus(train, cfg.prompt_suffix), cfg.vocab_size)
-        processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
+        template = family(cfg.family).chat_template()
+        tokenizer = build_tokenizer(_corpus(train, cfg.prompt_suffix, template), cfg.vocab_size, template)
+        processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels, cfg.family)
         processor.tokenizer.padding_side = "left"
         model = build_model(cfg, tokenizer)
         log = warm_start(model, processor, train, val, cfg)
@@ -546,13 +492,18 @@ def ensure_tiny_model(cfg: TinyConfig | None = None, root: str | Path | None = N
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="build here (always rebuilds) instead of the cache folder")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=supported(),
+                    help="model family of the base (vppo.models; a run's model.tiny_family)")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from vppo.spotlight import variant  # the pixel bounds of the family's grid
+
+    cfg = variant("default", args.family)[1]
     if args.out:
-        build_tiny_model(args.out)
+        build_tiny_model(args.out, cfg)
         out = Path(args.out)
     else:
-        out = ensure_tiny_model()
+        out = ensure_tiny_model(cfg)
     info = json.loads((out / INFO_FILE).read_text())
     print(f"tiny base model in {out} ({info['params'] / 1e6:.2f} M parameters)")
     print(

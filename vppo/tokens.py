@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vppo.data import vision_token_ids
+from vppo.models import family_of_processor
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,10 @@ def eos_ids_of(model, tokenizer) -> list[int]:
 
 
 def token_ids(model, processor) -> TokenIds:
-    """The ids of `processor`'s tokenizer for `model` (pad falls back to the first EOS id)."""
+    """The ids of `processor`'s tokenizer for `model` (pad falls back to the first EOS id; the
+    vision-start token is the model family's, `vppo.models`)."""
     tok = processor.tokenizer
     eos = eos_ids_of(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    return TokenIds(vision_token_ids(processor), pad, eos, tok.convert_tokens_to_ids("<|vision_start|>"))
+    start = tok.convert_tokens_to_ids(family_of_processor(processor).vision_start_token)
+    return TokenIds(vision_token_ids(processor), pad, eos, start)

@@ -110,10 +110,10 @@ def resolve_defaults(cfg: Config) -> None:
     """Fill model.path / data.train / data.val with the tiny base (shipped or built: model.base) and
     the synthetic set of the task family data.synth."""
     if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
-        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth)  # the task family (data.synth)
+        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth, cfg.model.tiny_family)  # data.synth
         synth = ensure_synth_data(synth_cfg)
         if cfg.model.path is None and cfg.model.base == "shipped":
-            cfg.model.path = str(bases.shipped_base(cfg.data.synth))
+            cfg.model.path = str(bases.shipped_base(cfg.data.synth, cfg.model.tiny_family))
             if is_main():
                 sha = bases.weights_fingerprint(cfg.model.path)
                 print(f"base: {cfg.model.path} (shipped, weights sha {sha})", flush=True)

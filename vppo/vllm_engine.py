@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from vppo.distributed import gathered, zero3_partitioned
+from vppo.models import family_of_checkpoint
 from vppo.rollout import GenSettings, response_mask_from, split_images
 from vppo.tokens import TokenIds
 from vppo.trajectory import Trajectory
@@ -151,19 +152,17 @@ class VLLMEngine:
                 "vLLM sleep mode is not available on %s: the engine stays awake", current_platform.device_name
             )
         self.ids, self.processor = ids, processor
-        self.image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        fam = family_of_checkpoint(model_path)  # what vLLM needs of the model family
+        self.image_pad = processor.tokenizer.convert_tokens_to_ids(fam.image_pad_token)
         vocab = len(processor.tokenizer)
         banned = set(ids.vision)
         self.allowed = [i for i in range(vocab) if i not in banned]
-        size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v}
-        mm_kwargs = {"size": size} if size else {}
         kw = dict(
             model=str(model_path), dtype=dtype, seed=seed,
             limit_mm_per_prompt={"image": max_images, "video": 0}, tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True, logprobs_mode="raw_logprobs",
         )  # fmt: skip
-        if mm_kwargs:
-            kw["mm_processor_kwargs"] = mm_kwargs
+        kw.update(fam.vllm_options(min_pixels, max_pixels))
         if max_model_len is not None:  # None: the model's own limit
             kw["max_model_len"] = max_model_len
         if self.on_cpu:
