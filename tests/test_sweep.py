@@ -254,7 +254,7 @@ def test_paired_differences_by_hand():
 def test_testbeds_plan_the_issue_seeds():
     """The spotlight sweep: GRPO, VPPO, TGF only and random 40 % on seeds 1-5, the rest on 1-3; the
     default testbed runs the README's two commands (the tiny default and its GRPO baseline)."""
-    from vppo.config import Config, load_config
+    from vppo.config import CONFIG_DIR, Config, load_config
 
     tb = sweep.TESTBEDS["spotlight"]
     assert {a for a, s in tb.seeds.items() if s == (1, 2, 3, 4, 5)} == set(sweep.KEY_ARMS)
@@ -269,6 +269,14 @@ def test_testbeds_plan_the_issue_seeds():
     for section in ("model", "data", "rollout", "algo"):
         assert getattr(cfg, section) == getattr(base, section), section
     assert (cfg.train.total_steps, cfg.run.val_every, cfg.run.val_samples) == (100, 25, 128)
+    # the Qwen3-VL default is configs/tiny_qwen3_vl.yaml on its shipped base
+    q = sweep.TESTBEDS["default_qwen3_vl"]
+    sw = sweep.Sweep(Path("o"), Path("r"), q.budget, testbed=q)
+    cfg = load_config(None, sw.overrides("vppo", 1))
+    yaml = load_config(CONFIG_DIR / "tiny_qwen3_vl.yaml")
+    for section in ("model", "data", "rollout", "algo"):
+        assert getattr(cfg, section) == getattr(yaml, section), section
+    assert sw.base_model().endswith("bases/tiny_qwen3_vl")
 
 
 def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):

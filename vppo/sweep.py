@@ -163,6 +163,8 @@ class Testbed:
     budget: Budget
     results: str  # default --results
     spotlight: bool  # run the dependency diagnostic (the family has known visual tokens)
+    family: str = "qwen2_5_vl"  # model.tiny_family: which shipped base (vppo.bases.SHIPPED)
+    common: tuple[str, ...] = ()  # overrides of every arm (the family's own keys)
 
 
 TESTBEDS = {
@@ -180,6 +182,12 @@ TESTBEDS = {
     "multiread": Testbed(
         "multiread", {a: ARMS[a] for a in KEY_ARMS}, {a: (1, 2, 3) for a in KEY_ARMS},
         Budget(), "docs/sweep_multiread", True,
+    ),
+    # the embedded default on the tiny Qwen3-VL base (configs/tiny_qwen3_vl.yaml): does it learn?
+    "default_qwen3_vl": Testbed(
+        "default", {"vppo": []}, {"vppo": (1, 2, 3)},
+        Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
+        "docs/default_qwen3_vl", False, "qwen3_vl", ("model.tiny_family=qwen3_vl", "algo.patch_size=16"),
     ),
 }  # fmt: skip
 
@@ -231,7 +239,7 @@ class Sweep:
         return Path(ensure_synth_data(variant(self.testbed.synth)[0]))
 
     def overrides(self, arm: str, seed: int) -> list[str]:
-        src = [f"data.synth={self.testbed.synth}"]
+        src = [f"data.synth={self.testbed.synth}", *self.testbed.common]
         if self.model is not None:
             src.append(f"model.path={self.model}")
         if self.data is not None:
@@ -348,7 +356,7 @@ class Sweep:
             return self.model
         from vppo.bases import shipped_base
 
-        return str(shipped_base(self.testbed.synth))
+        return str(shipped_base(self.testbed.synth, self.testbed.family))
 
     @functools.cached_property
     def base_sha(self) -> str:
