@@ -321,3 +321,21 @@ def test_a_result_stands_for_the_same_run_asked_with_other_logging_keys():
     for changed in ("train.total_steps=49", "train.seed=2", "algo.topk_ratio=0.5"):
         key = changed.partition("=")[0]
         assert not sweep._same_run([changed if x.startswith(key + "=") else x for x in new], new), changed
+
+
+def test_quick_mode_never_writes_into_the_committed_results(monkeypatch, tmp_path):
+    """`python -m vppo.sweep --quick` as documented keeps its runs and results under runs/ (before,
+    its two-step results went to docs/sweep/raw, beside and over the real sweep's)."""
+    seen = {}
+
+    def fake_run(self, plan):
+        seen.update(out=self.out, results=self.results, plan=plan, budget=self.budget)
+        return {}, []
+
+    monkeypatch.setattr(sweep.Sweep, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    sweep.main(["--quick"])
+    assert seen["out"] == Path("runs/sweep_quick_spotlight") and seen["results"] == seen["out"] / "results"
+    assert seen["plan"] == {"grpo": (1,), "vppo": (1,)} and seen["budget"] == sweep.QUICK
+    sweep.main([])
+    assert seen["results"] == Path("docs/sweep") and seen["plan"] == sweep.TESTBEDS["spotlight"].seeds

@@ -4,7 +4,7 @@
     python -m vppo.sweep --testbed default        # the embedded default: VPPO and GRPO, seeds 1-3
     python -m vppo.sweep --testbed multiread      # several values read per response: 4 arms, seeds 1-3
     python -m vppo.sweep --arms grpo,vppo --seeds 1
-    python -m vppo.sweep --quick                  # CI: two arms, one seed, a few steps
+    python -m vppo.sweep --quick                  # two arms, one seed, 2 steps (runs/sweep_quick_<testbed>)
     python -m vppo.sweep --aggregate-only         # the table and curves from <results>/raw/*.json
 
 A testbed is a synthetic task family (`data.synth`) with its shipped base (vppo.bases, sha256 checked;
@@ -773,7 +773,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results", default=None, help="raw JSON, tables, curves (default: the testbed's)")
     ap.add_argument("--arms", default=None, help="comma-separated (default: the testbed's arms)")
     ap.add_argument("--seeds", type=_seeds, default=None, help="for every arm (default: the testbed's plan)")
-    ap.add_argument("--quick", action="store_true", help="CI: arms grpo,vppo, seed 1, 2 steps, tiny eval")
+    ap.add_argument(
+        "--quick", action="store_true",
+        help="CI: arms grpo,vppo, seed 1, 2 steps, tiny eval; runs, results: runs/sweep_quick_<testbed>",
+    )  # fmt: skip
     ap.add_argument("--steps", type=_positive, default=None, help="override the budget's steps")
     ap.add_argument("--set", action="append", default=[], help="extra override key=value for every arm")
     ap.add_argument("--model", default=None, help="model folder for every arm (default: the shipped base)")
@@ -786,7 +789,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--aggregate-only", action="store_true")
     args = ap.parse_args(argv)
     tb = TESTBEDS[args.testbed]
-    results = Path(args.results or tb.results)
+    # --quick never writes into a committed results folder: its runs and results stay under runs/
+    default_out = "runs/sweep" if args.testbed == "spotlight" else f"runs/sweep_{args.testbed}"
+    out = Path(args.out or (f"runs/sweep_quick_{args.testbed}" if args.quick else default_out))
+    results = Path(args.results or (out / "results" if args.quick else tb.results))
     try:
         if args.aggregate_only:
             s = aggregate(results)
@@ -800,9 +806,6 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"unknown arms {unknown} for --testbed {args.testbed}; known: {list(tb.arms)}")
         seeds = args.seeds or ([1] if args.quick else None)
         plan = {a: tuple(seeds) if seeds else tb.seeds[a] for a in arms}
-        out = Path(
-            args.out or ("runs/sweep" if args.testbed == "spotlight" else f"runs/sweep_{args.testbed}")
-        )
         sw = Sweep(
             out, results, budget, tuple(args.set), args.model, args.data, testbed=tb, threads=args.threads
         )
