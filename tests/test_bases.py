@@ -102,21 +102,19 @@ def test_ship_round_trip(tmp_path):
 def test_the_loop_starts_from_the_shipped_base(monkeypatch, capsys):
     """model.path null + model.base=shipped (the default) -> bases/<family>, its fingerprint printed;
     model.base=build -> vppo.tiny's cached build, as before."""
-    from vppo import train
-
     assert Config().model.base == "shipped" and load_config(None, []).model.base == "shipped"
     cfg = load_config(None, ["data.synth=spotlight"])
-    train.resolve_defaults(cfg)
+    bases.resolve_defaults(cfg)
     assert cfg.model.path == str(bases.BASES_DIR / "spotlight")
     cfg = load_config(None, ["model.tiny_family=qwen3_vl"])
-    train.resolve_defaults(cfg)
+    bases.resolve_defaults(cfg)
     assert cfg.model.path == str(bases.BASES_DIR / "tiny_qwen3_vl")
     assert bases.weights_fingerprint(cfg.model.path) in capsys.readouterr().out
     capsys.readouterr()
     built = []
-    monkeypatch.setattr(train, "ensure_tiny_model", lambda c: built.append(c) or "/built")
+    monkeypatch.setattr("vppo.tiny.ensure_tiny_model", lambda c: built.append(c) or "/built")
     cfg = load_config(None, ["model.base=build"])
-    train.resolve_defaults(cfg)
+    bases.resolve_defaults(cfg)
     assert cfg.model.path == "/built" and built == [variant("default")[1]]
 
 

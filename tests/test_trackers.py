@@ -240,7 +240,7 @@ def test_a_missing_tracker_package_is_named_before_the_model_loads(monkeypatch, 
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(T, "load_policy", loaded)
-    monkeypatch.setattr(T, "resolve_defaults", loaded)  # builds the tiny base when it is missing
+    monkeypatch.setattr(T.bases, "resolve_defaults", loaded)  # the tiny base and set
     with pytest.raises(ValueError) as e:
         T.setup(cfg)
     msg = str(e.value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 from vppo.paths import REPO_ROOT
 
 BASES_DIR = REPO_ROOT / "bases"
+log = logging.getLogger("vppo.bases")
 SUMS = "SHA256SUMS"
 SHIP_INFO = "shipped.json"  # what was shipped from where: the synthetic set's hashes, the source folder
 # (data.synth, model.tiny_family) -> the shipped base's folder under bases/
@@ -168,6 +170,35 @@ def check_synth(base: str | Path, synth_dir: str | Path) -> list[str]:
     want = json.loads(meta_path.read_text()).get("synth") or {}
     got = synth_hashes(synth_dir)
     return sorted(k for k in want if got.get(k) != want[k])
+
+
+def resolve_defaults(cfg) -> None:
+    """Fill a Config's null model.path / data.train / data.val with the tiny base (shipped or built:
+    model.base) and the synthetic set of the task family data.synth (the training loop's defaults)."""
+    if cfg.model.path is not None and cfg.data.train is not None and cfg.data.val is not None:
+        return
+    from vppo.distributed import is_main  # heavy (torch): only when a run fills its defaults
+    from vppo.spotlight import variant
+    from vppo.synth import ensure_synth_data
+    from vppo.tiny import ensure_tiny_model
+
+    synth_cfg, tiny_cfg = variant(cfg.data.synth, cfg.model.tiny_family)
+    synth = ensure_synth_data(synth_cfg)
+    if cfg.model.path is None and cfg.model.base == "shipped":
+        cfg.model.path = str(shipped_base(cfg.data.synth, cfg.model.tiny_family))
+        if is_main():
+            print(
+                f"base: {cfg.model.path} (shipped, weights sha {weights_fingerprint(cfg.model.path)})",
+                flush=True,
+            )
+        if stale := check_synth(cfg.model.path, synth):  # the set is generated deterministically
+            log.warning("synthetic %s differ from the set %s was built on", stale, cfg.model.path)
+    elif cfg.model.path is None:
+        cfg.model.path = str(ensure_tiny_model(tiny_cfg))
+    if cfg.data.train is None:
+        cfg.data.train = str(synth / "train.parquet")
+    if cfg.data.val is None:
+        cfg.data.val = str(synth / "val.parquet")
 
 
 def main(argv: list[str] | None = None) -> int:

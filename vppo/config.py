@@ -295,7 +295,7 @@ RUN_DEFINING = frozenset({
 })  # fmt: skip
 
 # Left null, these are filled with the tiny base / the synthetic set by the training loop
-# (vppo.train.resolve_defaults): compared only once filled.
+# (vppo.bases.resolve_defaults): compared only once filled.
 FILLED_AT_START = ("model.path", "data.train", "data.val")
 
 

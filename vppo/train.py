@@ -70,8 +70,6 @@ from vppo.perturb import PerturbSpec, perturb_pixel_values, trajectory_seed
 from vppo.reward import Grader
 from vppo.rollout import GenSettings
 from vppo.sampling import DataOrder, SampleInfo, mismatch_stats, sample_batch, sampling_engine
-from vppo.synth import ensure_synth_data
-from vppo.tiny import ensure_tiny_model
 from vppo.tokens import TokenIds, token_ids
 from vppo.trajectory import Trajectory
 from vppo.watchdog import PhaseTimer
@@ -106,35 +104,15 @@ class Run:
     sampler: object = None  # rollout.engine=vllm: the colocated vppo.vllm_engine.VLLMEngine
 
 
-def resolve_defaults(cfg: Config) -> None:
-    """Fill model.path / data.train / data.val with the tiny base (shipped or built: model.base) and
-    the synthetic set of the task family data.synth."""
-    if cfg.model.path is None or cfg.data.train is None or cfg.data.val is None:
-        synth_cfg, tiny_cfg = spotlight.variant(cfg.data.synth, cfg.model.tiny_family)  # data.synth
-        synth = ensure_synth_data(synth_cfg)
-        if cfg.model.path is None and cfg.model.base == "shipped":
-            cfg.model.path = str(bases.shipped_base(cfg.data.synth, cfg.model.tiny_family))
-            if is_main():
-                sha = bases.weights_fingerprint(cfg.model.path)
-                print(f"base: {cfg.model.path} (shipped, weights sha {sha})", flush=True)
-            stale = bases.check_synth(cfg.model.path, synth)
-            if stale:  # the set is generated deterministically; say so when it came out otherwise
-                log.warning("synthetic %s differ from the set %s was built on", stale, cfg.model.path)
-        elif cfg.model.path is None:
-            cfg.model.path = str(ensure_tiny_model(tiny_cfg))
-        if cfg.data.train is None:
-            cfg.data.train = str(synth / "train.parquet")
-        if cfg.data.val is None:
-            cfg.data.val = str(synth / "val.parquet")
-
-
 def setup(cfg: Config) -> Run:
     """Distributed init, data, model, DeepSpeed engine, and the resume point."""
     rank, world = init_distributed()
     batch_numbers(cfg, world)  # sizes that do not divide fail before anything is loaded
     check_loggers(cfg)  # and so does a tracker package (run.loggers) that does not import
     check_engine(cfg)  # vllm installed, tensor parallel size fits the heads
-    start = open_run(cfg, rank, resolve_defaults)  # never mixes two runs in one folder; writes config.yaml
+    start = open_run(
+        cfg, rank, bases.resolve_defaults
+    )  # never mixes two runs in one folder; writes config.yaml
     run_dir = Path(cfg.run.output_dir)
     torch.manual_seed(cfg.train.seed)
 
