@@ -53,7 +53,8 @@ def test_aggregate_by_hand(tmp_path):
     assert s["vppo"]["per_task"]["a"][0] == pytest.approx(0.45)
     assert s["vppo"]["generated_x"] == pytest.approx(3.5 / 2)
     table = (tmp_path / "table.md").read_text()
-    assert "| VPPO | 2 | 38.0 ± 2.8 |" in table and "+6.0 ± 5.7" in table and "1.75x" in table
+    assert "| VPPO | 2 | 38.0 ± 2.8 | 40.0, 36.0 | 20.0 → 47.5 (+27.5 ± 3.5) |" in table
+    assert "+6.0 ± 5.7" in table and "1.75x" in table
     assert "| 4 % | 90 / 80 |" in table  # visual share, top-40 % recall k3 / KL
     assert json.loads((tmp_path / "summary.json").read_text())["vppo"]["test"] == [0.40, 0.36]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -61,7 +62,7 @@ def test_aggregate_by_hand(tmp_path):
         json.dumps({"test": {"accuracy": 0.25, "per_task": {"a": 0.2, "b": 0.3}}})
     )
     sweep.aggregate(tmp_path, plot=False)
-    assert "| tiny base (no RL) | – | 25.0 (base) | 20.0 | 30.0 |" in (tmp_path / "table.md").read_text()
+    assert "| tiny base (no RL) | – | 25.0 (base) |  |  | 20.0 | 30.0 |" in (tmp_path / "table.md").read_text()
 
 
 def test_arms_are_configs_of_the_loop(tmp_path):

@@ -607,6 +607,9 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
             "test_mean": m,
             "test_std": sd,
             "test": accs,
+            # validation: the first and last point of each seed's curve, and the gain between them
+            "val_first": [r["curve"][0]["val_accuracy"] for r in runs if r["curve"]],
+            "val_last": [r["curve"][-1]["val_accuracy"] for r in runs if r["curve"]],
             "per_task": {
                 t: _mean_std([r["test"]["per_task"][t] for r in runs if t in r["test"]["per_task"]])
                 for t in tasks
@@ -645,6 +648,15 @@ def _slash(s: dict, *keys: str) -> str:
     return " / ".join(f"{100 * s[k]:.0f}" for k in keys) if all(k in s for k in keys) else ""
 
 
+def _val_gain(s: dict, many: bool) -> str:
+    first, last = s.get("val_first") or [], s.get("val_last") or []
+    if not first or len(first) != len(last):
+        return ""
+    m, sd = _mean_std([b - a for a, b in zip(first, last)])
+    spread = f" ± {100 * sd:.1f}" if many else ""
+    return f"{100 * sum(first) / len(first):.1f} → {100 * sum(last) / len(last):.1f} ({100 * m:+.1f}{spread})"
+
+
 def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
     """Test avg@n per arm: mean ± std over seeds, per task, paired gain over GRPO, generations,
     and the spotlight diagnostic (precision / recall of the k3 top-40 % mask)."""
@@ -655,6 +667,8 @@ def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
         "arm",
         "seeds",
         "test (mean ± std)",
+        "per seed",
+        "val first → last (gain ± std)",
         *tasks,
         "vs GRPO (paired)",
         "generations",
@@ -666,7 +680,7 @@ def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if base is not None:  # the starting point (one evaluation, no seeds)
         per = [_pct(base["per_task"][t]) if t in base["per_task"] else "" for t in tasks]
-        cells = [_pct(base["accuracy"]) + " (base)", *per]
+        cells = [_pct(base["accuracy"]) + " (base)", "", "", *per]
         lines.append(
             "| tiny base (no RL) | – | " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells) - 2)
         )
@@ -676,6 +690,8 @@ def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
             LABELS.get(arm, arm),
             str(len(s["seeds"])),
             _pct(s["test_mean"], s["test_std"] if many else None),
+            ", ".join(f"{100 * x:.1f}" for x in s["test"]),
+            _val_gain(s, many),
             *[
                 _pct(s["per_task"][t][0], s["per_task"][t][1] if many else None) if t in s["per_task"] else ""
                 for t in tasks
