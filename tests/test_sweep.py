@@ -62,7 +62,9 @@ def test_aggregate_by_hand(tmp_path):
         json.dumps({"test": {"accuracy": 0.25, "per_task": {"a": 0.2, "b": 0.3}}})
     )
     sweep.aggregate(tmp_path, plot=False)
-    assert "| tiny base (no RL) | – | 25.0 (base) |  |  | 20.0 | 30.0 |" in (tmp_path / "table.md").read_text()
+    assert (
+        "| tiny base (no RL) | – | 25.0 (base) |  |  | 20.0 | 30.0 |" in (tmp_path / "table.md").read_text()
+    )
 
 
 def test_arms_are_configs_of_the_loop(tmp_path):
