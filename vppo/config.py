@@ -54,7 +54,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "HF model folder or hub id; null = the tiny base of data.synth and model.tiny_family (model.base)")
+    path: str | None = _f(
+        None,
+        "HF model folder or hub id; null = the tiny base of data.synth and model.tiny_family (model.base)",
+    )
     base: Literal["shipped", "build"] = _f(
         "shipped",
         "when model.path is null: shipped = the committed base in bases/ (sha256 checked; the "
