@@ -342,3 +342,21 @@ def test_quick_mode_never_writes_into_the_committed_results(monkeypatch, tmp_pat
     assert seen["plan"] == {"grpo": (1,), "vppo": (1,)} and seen["budget"] == sweep.QUICK
     sweep.main([])
     assert seen["results"] == Path("docs/sweep") and seen["plan"] == sweep.TESTBEDS["spotlight"].seeds
+
+
+@pytest.mark.parametrize("results, marker", [("default", "default")])
+def test_readme_default_tables_are_rebuilt_from_the_committed_raw_results(results, marker):
+    """The README's table of the embedded default and its paired differences are what
+    `vppo.sweep --testbed default --aggregate-only` writes from docs/default/raw alone."""
+    import shutil
+    import tempfile
+
+    root = sweep.REPO_ROOT
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(root / "docs" / results / "raw", f"{tmp}/raw")
+        shutil.copy(root / "docs" / results / "base.json", f"{tmp}/base.json")
+        sweep.aggregate(Path(tmp), plot=False)
+        table, pairs = (Path(tmp) / "table.md").read_text(), (Path(tmp) / "paired.md").read_text()
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index(f"<!-- {marker}:start -->") : readme.index(f"<!-- {marker}:end -->")]
+    assert table.strip() in section and pairs.strip() in section

@@ -1,6 +1,6 @@
 """Compare training runs: one PNG of their curves and a markdown table of their validations.
 
-    python -m vppo.compare runs/tiny runs/tiny_grpo --labels VPPO GRPO --out docs/tiny_vppo_vs_grpo.png
+    python -m vppo.compare runs/tiny runs/tiny_grpo --labels VPPO GRPO --out runs/vppo_vs_grpo.png
 
 Reads each run folder's metrics.jsonl (what vppo.train writes). The PNG has three panels, all against
 the training step: val accuracy with its standard error, training reward (moving average over

@@ -677,16 +677,10 @@ def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
         "R-precision k3 / KL / entropy / random",
         "k3 mass on visual",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if base is not None:  # the starting point (one evaluation, no seeds)
-        per = [_pct(base["per_task"][t]) if t in base["per_task"] else "" for t in tasks]
-        cells = [_pct(base["accuracy"]) + " (base)", "", "", *per]
-        lines.append(
-            "| tiny base (no RL) | – | " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells) - 2)
-        )
+    rows = []
     for arm, s in summary.items():
         many = len(s["seeds"]) > 1  # a spread only where there are seeds to spread over
-        row = [
+        rows.append([
             LABELS.get(arm, arm),
             str(len(s["seeds"])),
             _pct(s["test_mean"], s["test_std"] if many else None),
@@ -704,8 +698,15 @@ def markdown_table(summary: dict[str, dict], base: dict | None = None) -> str:
             _slash(s, "k3_recall", "kl_recall"),
             _slash(s, "k3_rprec", "kl_rprec", "entropy_rprec", "random_rprec"),
             f"{100 * s['k3_dep_mass']:.0f} %" if "k3_dep_mass" in s else "",
-        ]
-        lines.append("| " + " | ".join(row) + " |")
+        ])  # fmt: skip
+    if base is not None:  # the starting point (one evaluation, no seeds)
+        per = [_pct(base["per_task"][t]) if t in base["per_task"] else "" for t in tasks]
+        cells = ["tiny base (no RL)", "–", _pct(base["accuracy"]) + " (base)", "", "", *per]
+        rows.insert(0, cells + [""] * (len(head) - len(cells)))
+    # the diagnostic's columns only where a run has them (the default testbed has no visual tokens)
+    keep = [i for i in range(len(head)) if i < 5 + len(tasks) or any(r[i] for r in rows[base is not None :])]
+    lines = ["| " + " | ".join(head[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(r[i] for i in keep) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
