@@ -6,6 +6,7 @@ exactly. The tests that take `fassets` run on every model family."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -205,3 +206,42 @@ def test_stopped_and_resumed_equals_the_uninterrupted_run_and_checkpoints_hold_a
         else:
             assert torch.equal(merged_a[k], w), k  # frozen, untouched
     assert adapted == 7  # q k v o gate up down of the one LLM layer
+
+
+def _worker(nproc, rollout, out, overrides):
+    port = str(29700 + nproc + os.getpid() % 200)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
+           str(ROOT / "tests" / "dist_update_worker.py"), str(rollout), str(out), *overrides]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT,
+                       timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_zero3_equal_one_process(assets, tmp_path):
+    """The optimizer steps of one fixed rollout batch with LoRA under ZeRO-3 (gradient checkpointing
+    on): two gloo ranks give the losses and the weights of one process; only the adapters moved."""
+    from vppo.distributed import gathered
+    from vppo.train import prepare
+
+    extra = (*LORA, "algo.kl_coef=0.01", "algo.shaping=global", "train.deepspeed=configs/ds_zero3.json",
+             "model.gradient_checkpointing=true")  # fmt: skip
+    run = train_setup(assets, tmp_path / "gen", *extra)
+    traj, _ = prepare(run, 1)
+    rollout = tmp_path / "rollout.pt"
+    torch.save({"batch": traj, "ids": run.ids}, rollout)
+    ov = train_overrides(assets, tmp_path / "w", *extra)
+    one = _worker(1, rollout, tmp_path / "one.pt", ov)
+    two = _worker(2, rollout, tmp_path / "two.pt", ov)
+    assert len(one["losses"]) == 2  # two optimizer steps
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    with gathered(list(run.hf.parameters())):  # the generating run's ZeRO-3 partitions
+        init = {k: v.clone() for k, v in run.hf.state_dict().items()}
+    moved = set()
+    for k, v in one["state"].items():
+        torch.testing.assert_close(two["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        if not torch.equal(v, init[k]):
+            moved.add(k)
+    assert moved and all(".lora_A." in k or ".lora_B." in k for k in moved), sorted(moved)[:5]
+    assert any(".lora_A." in k for k in moved)  # A moves from the second step on (B was zero at the first)

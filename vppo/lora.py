@@ -70,17 +70,20 @@ def target_names(hf: nn.Module, vision: nn.Module, targets: list[str], with_visi
     return names
 
 
-def apply_lora(hf: nn.Module, vision: nn.Module, m) -> nn.Module:
+def apply_lora(hf: nn.Module, vision: nn.Module, m, seed: int) -> nn.Module:
     """Inject LoRA adapters (m = cfg.model: lora_rank, lora_alpha, lora_dropout, lora_target_modules,
     lora_vision) into hf in place; every other parameter is frozen. `vision`: the family's vision
-    tower (`vppo.models.Family.vision_tower`). Returns hf."""
+    tower (`vppo.models.Family.vision_tower`). A's random start comes from `seed` alone, so every rank
+    (and a worker that never seeded torch) builds the same adapters. Returns hf."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = target_names(hf, vision, list(m.lora_target_modules), m.lora_vision)
     conf = LoraConfig(
         r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=names, bias="none"
     )
-    inject_adapter_in_model(conf, hf, adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        inject_adapter_in_model(conf, hf, adapter_name=ADAPTER)
     for n, p in hf.named_parameters():
         p.requires_grad_(".lora_A." in n or ".lora_B." in n)
     hf.vppo_lora_config = conf  # a plain attribute (not a module): what save_adapter writes

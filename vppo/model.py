@@ -113,7 +113,7 @@ def load_policy(cfg: Config) -> nn.Module:
     if cfg.model.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora_rank:  # adapters only: every base weight frozen, the vision tower's too
-        apply_lora(hf, fam.vision_tower(hf), cfg.model)
+        apply_lora(hf, fam.vision_tower(hf), cfg.model, seed=cfg.train.seed)
     elif cfg.model.freeze_vision:
         for p in fam.vision_tower(hf).parameters():
             p.requires_grad_(False)
