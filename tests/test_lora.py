@@ -250,3 +250,27 @@ def test_two_gloo_ranks_under_zero3_equal_one_process(assets, tmp_path):
             moved.add(k)
     assert moved and all(".lora_A." in k or ".lora_B." in k for k in moved), sorted(moved)[:5]
     assert any(".lora_A." in k for k in moved)  # A moves from the second step on (B was zero at the first)
+
+
+@pytest.mark.vllm
+def test_vllm_rollouts_sample_from_the_merged_weights(tmp_path):
+    """rollout.engine=vllm with LoRA (the vLLM environment: `make test-vllm`): after the adapters moved,
+    the merged push keeps vLLM's sampled log-probs equal to the trainer's clean pass (1e-4, fp32). A
+    push of the base weights alone would be off by the adapters' update (alpha / r = 16 here)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:  # selected without vllm: fail loudly, never skip (as tests/test_vllm_engine.py)
+        pytest.fail(f"this test needs vllm (run it in the vLLM environment): {e}")
+    model = make_micro_model(tmp_path / "micro", hidden=64)  # head_dim 32: vLLM's CPU attention
+    synth = make_synth(tmp_path / "synth")
+    out = tmp_path / "run"
+    args = train_overrides((model, synth), out, "rollout.engine=vllm", "train.total_steps=3",
+                           "model.lora_rank=4", "model.lora_alpha=64")  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "vppo.train", *args], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [r for r in _records(out).values() if "reward" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert r["logp_mismatch_max"] < 1e-4 and r["push_seconds"] > 0, r
+    assert recs[-1]["grad_norm"] > 0

@@ -34,15 +34,18 @@ ADAPTER = "default"  # PEFT's adapter name; one adapter per model
 ADAPTER_DIR = "adapter"  # export/adapter/: the trained adapter beside the merged model
 
 
+def enabled(hf: nn.Module) -> bool:
+    """Whether apply_lora gave hf adapters (without importing PEFT: the rollout engine asks too)."""
+    return getattr(hf, "vppo_lora_config", None) is not None
+
+
 def _layers(hf: nn.Module) -> dict[str, nn.Module]:
     """{module name: PEFT LoRA layer} of a model with adapters (empty without)."""
+    if not enabled(hf):
+        return {}
     from peft.tuners.lora import LoraLayer
 
     return {n: m for n, m in hf.named_modules() if isinstance(m, LoraLayer)}
-
-
-def enabled(hf: nn.Module) -> bool:
-    return bool(_layers(hf))
 
 
 def target_names(hf: nn.Module, vision: nn.Module, targets: list[str], with_vision: bool) -> list[str]:
