@@ -582,6 +582,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(m.lora_alpha > 0, "model.lora_alpha", "must be > 0", m.lora_alpha)
     _check(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
     if m.lora_rank:
+        _check(not (m.lora_vision and m.freeze_vision), "model.lora_vision",
+               "contradicts model.freeze_vision=true (with LoRA every base weight is frozen anyway; "
+               "lora_vision adds adapters to the vision tower)", m.lora_vision)  # fmt: skip
         _check(bool(m.lora_target_modules), "model.lora_target_modules", "must name at least one layer "
                "with model.lora_rank > 0", m.lora_target_modules)  # fmt: skip
         _check(

@@ -11,7 +11,8 @@ this one loop (configs/*.yaml). One training step carries one `vppo.trajectory.T
   2. VPPO only: perturb each response's image (`vppo.perturb`);
   3. the old policy's no-grad passes (`vppo.loss.score`): old log-probs and entropy from the clean
      pass; for VPPO also the exact KL and k3 between the clean and the perturbed pass, from one
-     read of the lm_head weight; reference log-probs when algo.kl_coef > 0;
+     read of the lm_head weight; reference log-probs when algo.kl_coef > 0 (with LoRA, model.lora_rank
+     > 0: the same model with its adapters off, `vppo.lora`);
   4. group advantages and, for VPPO, the top-k token mask (TGF) (`vppo.objective`, `vppo.loss`);
   5. mini-batch / micro-batch updates: trajectory shaping (TAS) per mini-batch, the fused loss
      from hidden states and the lm_head weight (the step never holds [N, V] logits), DeepSpeed
@@ -92,7 +93,7 @@ class Run:
     spot_problems: list[vdata.Problem]  # run.spotlight_problems: val problems with known visual tokens
     hf: nn.Module
     engine: DeepSpeedEngine  # around vppo.model.Policy(hf)
-    ref: nn.Module | None  # frozen reference policy (algo.kl_coef > 0)
+    ref: nn.Module | None  # frozen reference policy (algo.kl_coef > 0; None with LoRA: hf, adapters off)
     ids: TokenIds
     gen: GenSettings  # rollout sampling
     opts: loss.LossOptions  # the objective, temperature and kernel impl of every pass
