@@ -147,7 +147,9 @@ class CheckpointManager:
     free_margin: extra fraction of the expected size that must be free (0.1 = 10 %);
     min_free_bytes: overrides the expected size when set;
     config: the run's resolved config (YAML text), written into every checkpoint as config.yaml: what
-        a resume of that checkpoint compares the new config with (open_run).
+        a resume of that checkpoint compares the new config with (open_run);
+    trainable_only: a DeepSpeed engine's checkpoint holds the parameters that train and their
+        optimizer state only (LoRA: the adapters; the frozen base is reloaded from model.path).
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class CheckpointManager:
         free_margin: float = 0.1,
         min_free_bytes: int | None = None,
         config: str | None = None,
+        trainable_only: bool = False,
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -169,6 +172,7 @@ class CheckpointManager:
         self.barrier = barrier or _default_barrier
         self.free_margin, self.min_free_bytes = free_margin, min_free_bytes
         self.config = config
+        self.trainable_only = trainable_only
 
     # -- listing ----------------------------------------------------------------------------------
 
@@ -250,7 +254,9 @@ class CheckpointManager:
         n = 0
         if engine is not None:
             n += 16 * sum(
-                p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()
+                p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                for p in engine.module.parameters()
+                if p.requires_grad or not self.trainable_only
             )
         if model is not None:
             n += _state_bytes(model if isinstance(model, dict) else model.state_dict())
@@ -299,7 +305,10 @@ class CheckpointManager:
         self.barrier()
         try:
             if engine is not None:
-                engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+                engine.save_checkpoint(
+                    str(tmp / "engine"), tag="state", save_latest=False,
+                    exclude_frozen_parameters=self.trainable_only,
+                )  # fmt: skip
             if save_fn is not None:
                 save_fn(tmp)
             _save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
@@ -400,7 +409,10 @@ class CheckpointManager:
         if problem is not None:
             raise ValueError(f"damaged checkpoint {path}: {problem}")
         if engine is not None:
-            engine.load_checkpoint(str(path / "engine"), tag="state")
+            # trainable_only: the frozen weights are absent from the file, kept as loaded
+            engine.load_checkpoint(
+                str(path / "engine"), tag="state", load_module_strict=not self.trainable_only
+            )
         if model is not None:
             model.load_state_dict(torch.load(path / "model.pt", map_location=map_location), strict=strict)
         if optimizer is not None:

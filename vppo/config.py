@@ -52,6 +52,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# the language model's attention and MLP projections, the same names in every vppo.models family
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class ModelConfig:
     path: str | None = _f(
@@ -73,6 +77,15 @@ class ModelConfig:
     tiny_family: Literal["qwen2_5_vl", "qwen3_vl"] = _f(
         "qwen2_5_vl", "model family of the tiny base built when model.path is null (vppo.models)"
     )
+    # LoRA (vppo/lora.py, through PEFT): the base weights frozen, low-rank adapters trained
+    lora_rank: int = _f(0, "LoRA rank r of every adapter; 0 = off (full-weight training)")
+    lora_alpha: float = _f(32.0, "LoRA alpha: the adapter's update is scaled by alpha / rank")
+    lora_dropout: float = _f(0.0, "dropout on the adapters' input while training")
+    lora_target_modules: list[str] = _f(
+        list(LORA_TARGETS), "leaf names of the language model's Linear layers that get adapters "
+        "(default: its attention and MLP projections); the lm_head cannot be one (vppo/lora.py)"
+    )  # fmt: skip
+    lora_vision: bool = _f(False, "also adapt every Linear layer of the vision tower (else it stays frozen)")
 
 
 @dataclass
@@ -278,8 +291,9 @@ RESUME_FREE = frozenset({
 # of algo.shaping=released); change them deliberately with run.allow_config_change=true.
 RUN_DEFINING = frozenset({
     "model.path", "model.dtype", "model.attn_impl", "model.liger", "model.freeze_vision", "model.base",
-    "model.tiny_family", "data.format", "data.train", "data.val", "data.image_dir", "data.problem_key",
-    "data.answer_key", "data.image_key",
+    "model.tiny_family", "model.lora_rank", "model.lora_alpha", "model.lora_dropout",
+    "model.lora_target_modules", "model.lora_vision", "data.format", "data.train", "data.val",
+    "data.image_dir", "data.problem_key", "data.answer_key", "data.image_key",
     "data.prompt_suffix", "data.min_pixels", "data.max_pixels", "data.max_prompt_len", "data.shuffle",
     "data.synth",
     "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_len",
@@ -567,6 +581,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         ("train.ppo_epochs", t.ppo_epochs),
     ]:
         _check(v >= 1, key, "must be >= 1", v)
+    _check(m.lora_rank >= 0, "model.lora_rank", "must be >= 0 (0 = LoRA off)", m.lora_rank)
+    _check(m.lora_alpha > 0, "model.lora_alpha", "must be > 0", m.lora_alpha)
+    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
+    if m.lora_rank:
+        _check(not (m.lora_vision and m.freeze_vision), "model.lora_vision",
+               "contradicts model.freeze_vision=true (with LoRA every base weight is frozen anyway; "
+               "lora_vision adds adapters to the vision tower)", m.lora_vision)  # fmt: skip
+        _check(bool(m.lora_target_modules), "model.lora_target_modules", "must name at least one layer "
+               "with model.lora_rank > 0", m.lora_target_modules)  # fmt: skip
+        _check(
+            "lm_head" not in m.lora_target_modules, "model.lora_target_modules",
+            "cannot hold lm_head: the lm_head stays a vppo.model.FusedLMHead whose weight the fused "
+            "scoring and loss kernels read directly (an adapter there would be bypassed); it stays frozen",
+            m.lora_target_modules,
+        )  # fmt: skip
     for key, v in [
         ("train.warmup_steps", t.warmup_steps),
         ("train.seed", t.seed),

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from vppo import lora
 from vppo.data import save_prompt_suffix
 from vppo.distributed import barrier, gathered
 from vppo.tokens import eos_ids_of
@@ -13,7 +14,9 @@ from vppo.tokens import eos_ids_of
 
 def export_hf(engine, processor, out: Path, rank: int, suffix: str | None) -> None:
     """Write the engine's policy to `out` (gathering ZeRO-3 shards), atomically by rank 0, with the
-    prompt suffix it was trained on (vppo.data.PROMPT_FILE, read by vppo.eval). Every rank calls it."""
+    prompt suffix it was trained on (vppo.data.PROMPT_FILE, read by vppo.eval). Every rank calls it.
+    With LoRA `out` holds the merged model (W + scale * B @ A under the base names: a plain model
+    for from_pretrained, vppo.eval and vLLM) and out/adapter/ the adapter in PEFT's layout."""
     hf = engine.module.hf
     with gathered(list(hf.parameters())):
         if rank == 0:
@@ -22,7 +25,11 @@ def export_hf(engine, processor, out: Path, rank: int, suffix: str | None) -> No
             # generate() of the export stops where training's rollouts stopped (the tokenizer's and
             # the chat template's EOS too, not only the base generation config's)
             hf.generation_config.eos_token_id = eos_ids_of(hf, processor.tokenizer)
-            state = {k: v.detach().cpu().clone() for k, v in hf.state_dict().items()}
+            if lora.enabled(hf):
+                state = lora.merged_state(hf)
+                lora.save_adapter(hf, tmp / lora.ADAPTER_DIR, getattr(hf, "name_or_path", None))
+            else:
+                state = {k: v.detach().cpu().clone() for k, v in hf.state_dict().items()}
             hf.save_pretrained(tmp, state_dict=state)
             processor.save_pretrained(tmp)
             save_prompt_suffix(tmp, suffix)

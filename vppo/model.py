@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from vppo.config import Config, deepspeed_config, resolve_attn_impl
 from vppo.distributed import all_reduce
+from vppo.lora import apply_lora
 from vppo.models import family_of
 from vppo.packing import Packed, packed_hidden
 from vppo.rollout import response_hidden
@@ -97,7 +98,9 @@ class GuardedAdamW(torch.optim.AdamW):
 
 def load_policy(cfg: Config) -> nn.Module:
     """The Hugging Face model of cfg.model (local files only), its lm_head a FusedLMHead; the
-    family-specific pieces (Liger patch, vision tower) from its `vppo.models` family."""
+    family-specific pieces (Liger patch, vision tower) from its `vppo.models` family; with
+    model.lora_rank > 0 PEFT's LoRA adapters injected in place, the only trainable parameters
+    (`vppo.lora`)."""
     hf = AutoModelForImageTextToText.from_pretrained(
         cfg.model.path,
         dtype=getattr(torch, cfg.model.dtype),
@@ -109,7 +112,9 @@ def load_policy(cfg: Config) -> nn.Module:
         fam.apply_liger(hf)
     if cfg.model.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.model.freeze_vision:
+    if cfg.model.lora_rank:  # adapters only: every base weight frozen, the vision tower's too
+        apply_lora(hf, fam.vision_tower(hf), cfg.model, seed=cfg.train.seed)
+    elif cfg.model.freeze_vision:
         for p in fam.vision_tower(hf).parameters():
             p.requires_grad_(False)
     FusedLMHead.replace(hf)

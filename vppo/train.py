@@ -11,7 +11,8 @@ this one loop (configs/*.yaml). One training step carries one `vppo.trajectory.T
   2. VPPO only: perturb each response's image (`vppo.perturb`);
   3. the old policy's no-grad passes (`vppo.loss.score`): old log-probs and entropy from the clean
      pass; for VPPO also the exact KL and k3 between the clean and the perturbed pass, from one
-     read of the lm_head weight; reference log-probs when algo.kl_coef > 0;
+     read of the lm_head weight; reference log-probs when algo.kl_coef > 0 (with LoRA, model.lora_rank
+     > 0: the same model with its adapters off, `vppo.lora`);
   4. group advantages and, for VPPO, the top-k token mask (TGF) (`vppo.objective`, `vppo.loss`);
   5. mini-batch / micro-batch updates: trajectory shaping (TAS) per mini-batch, the fused loss
      from hidden states and the lm_head weight (the step never holds [N, V] logits), DeepSpeed
@@ -49,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import ProcessorMixin
 
-from vppo import bases, distributed, loss, objective, packing, spotlight
+from vppo import bases, distributed, lora, loss, objective, packing, spotlight
 from vppo import data as vdata
 from vppo.checkpoint import CheckpointManager, RunFolderError, apply_optimizer_config, open_run
 from vppo.config import (
@@ -90,7 +91,7 @@ class Run:
     spot_problems: list[vdata.Problem]  # run.spotlight_problems: val problems with known visual tokens
     hf: nn.Module
     engine: DeepSpeedEngine  # around vppo.model.Policy(hf)
-    ref: nn.Module | None  # frozen reference policy (algo.kl_coef > 0)
+    ref: nn.Module | None  # frozen reference policy (algo.kl_coef > 0; None with LoRA: hf, adapters off)
     ids: TokenIds
     gen: GenSettings  # rollout sampling
     opts: loss.LossOptions  # the objective, temperature and kernel impl of every pass
@@ -145,8 +146,10 @@ def setup(cfg: Config) -> Run:
 
     hf = load_policy(cfg)
     engine = build_engine(cfg, hf, world)
-    # a frozen copy of the initial policy, never wrapped by DeepSpeed
-    ref = load_policy(cfg).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
+    lora_on = cfg.model.lora_rank > 0
+    # a frozen copy of the initial policy, never wrapped by DeepSpeed; with LoRA none: the reference
+    # is the same model with its adapters off (prepare)
+    ref = load_policy(cfg).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 and not lora_on else None
     r = cfg.rollout
     sync = torch.cuda.synchronize if torch.cuda.is_available() else None
     run = Run(
@@ -156,7 +159,8 @@ def setup(cfg: Config) -> Run:
         opts=loss.LossOptions.from_config(cfg),
         order=DataOrder(len(train_set), cfg.train.seed, d.shuffle),
         grader=Grader(),
-        ckpt=CheckpointManager(run_dir, cfg.run.keep_last, rank=rank, world_size=world, config=to_yaml(cfg)),
+        ckpt=CheckpointManager(run_dir, cfg.run.keep_last, rank=rank, world_size=world, config=to_yaml(cfg),
+                               trainable_only=lora_on),  # LoRA: adapters + their optimizer state only
         metrics=Metrics(run_dir, rank == 0, cfg.run.loggers, cfg),
         timer=PhaseTimer(watchdog_seconds=cfg.run.watchdog_seconds or None, nvtx=cfg.run.nvtx, sync=sync),
         total_steps=dv.total_steps,
@@ -210,10 +214,13 @@ def prepare(run: Run, step: int) -> tuple[Trajectory, SampleInfo]:
                 for i, (p, g) in enumerate(zip(traj.pixel_values, traj.image_grid_thw))
             ]
     with timer.phase("score"):
-        loss.score(
-            run.hf, traj, run.opts, ids=run.ids, micro=cfg.train.logprob_micro_batch, dependency=vppo_on,
-            ref=run.ref, **packing.pass_options(cfg.train, all_reduce),
-        )  # fmt: skip
+        kw = dict(
+            ids=run.ids, micro=cfg.train.logprob_micro_batch, **packing.pass_options(cfg.train, all_reduce)
+        )
+        if a.kl_coef > 0 and run.ref is None:  # LoRA: the reference is the base model, adapters off
+            with lora.adapters_off(run.hf):
+                traj.ref_logp = loss.score(run.hf, traj, run.opts, dependency=False, **kw).old_logp
+        loss.score(run.hf, traj, run.opts, dependency=vppo_on, ref=run.ref, **kw)
     traj.advantages = objective.group_advantages(traj.rewards, cfg.rollout.n, eps=a.adv_eps)
     if vppo_on and a.topk_ratio < 1.0:
         tgf_seed = trajectory_seed(cfg.train.seed, step, run.rank, "tgf")  # token_select=random

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vppo import lora
 from vppo.distributed import gathered, zero3_partitioned
 from vppo.models import family_of_checkpoint
 from vppo.rollout import GenSettings, response_mask_from, split_images
@@ -225,6 +226,17 @@ class VLLMEngine:
         stats = PushStats()
 
         def weights():
+            if lora.enabled(model):
+                # LoRA: the merged W + scale * B @ A under the base names, every rollout, rather than
+                # vLLM's own LoRA adapters: the engine then samples from exactly the weights the
+                # trainer scores, so |logp_vllm - logp_old| keeps measuring the two engines and not a
+                # separate LoRA kernel path (vLLM's LoRA also leaves the vision tower out); the cost
+                # is a full-weight push per rollout, as without LoRA
+                for name, t in lora.merged_tensors(model):
+                    stats.tensors += 1
+                    stats.numel += t.numel()
+                    yield name, t
+                return
             for name, p in params:
                 if z3:
                     with gathered([p]):
