@@ -54,7 +54,7 @@ vllm-env: $(VLLM_STAMP)
 
 # The tests that run the real vLLM engine (marker `vllm`; the main env's addopts deselect them).
 test-vllm: $(VLLM_STAMP)
-	TRITON_INTERPRET=1 $(VLLM_PY) -m pytest -q -m vllm tests/test_vllm_engine.py tests/test_hardening3.py $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(VLLM_PY) -m pytest -q -m vllm tests/test_vllm_engine.py tests/test_hardening3.py tests/test_lora.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
