@@ -71,6 +71,7 @@ bench: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m bench --splice README.md
 	$(PY) -m bench.case_rollout --out bench/out
 	$(PY) -m bench.case_packing --out bench/out
+	$(PY) -m bench.case_lora --out bench/out
 
 train: $(STAMP)
 	$(PY) -m vppo.train
