@@ -24,15 +24,8 @@ from pathlib import Path
 import torch
 
 from vppo import reward
+from vppo.bases import sha256_file  # one file hash for the shipped bases and the eval manifest
 from vppo.data import PROMPT_SUFFIX, Problem, open_image, render_prompt
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_hashes(path: str | os.PathLike, memo: str | os.PathLike | None = None) -> dict:
