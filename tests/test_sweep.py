@@ -280,6 +280,14 @@ def test_testbeds_plan_the_issue_seeds():
     for section in ("model", "data", "rollout", "algo"):
         assert getattr(cfg, section) == getattr(yaml, section), section
     assert sw.base_model().endswith("bases/tiny_qwen3_vl")
+    # the LoRA default is the embedded default on its shipped base with adapters r=8 and 10x the lr
+    lo = sweep.TESTBEDS["default_lora"]
+    sw = sweep.Sweep(Path("o"), Path("r"), lo.budget, testbed=lo)
+    cfg = load_config(None, sw.overrides("vppo", 1))
+    for section in ("data", "rollout", "algo"):
+        assert getattr(cfg, section) == getattr(base, section), section
+    assert (cfg.model.lora_rank, cfg.train.lr) == (8, 10 * base.train.lr)
+    assert sw.base_model().endswith("bases/tiny")
 
 
 def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):

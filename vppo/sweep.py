@@ -3,6 +3,8 @@
     python -m vppo.sweep                          # the spotlight sweep (7 arms; seeds: PLAN)
     python -m vppo.sweep --testbed default        # the embedded default: VPPO and GRPO, seeds 1-3
     python -m vppo.sweep --testbed multiread      # several values read per response: 4 arms, seeds 1-3
+    python -m vppo.sweep --testbed default_qwen3_vl  # the default on the tiny Qwen3-VL base, seeds 1-3
+    python -m vppo.sweep --testbed default_lora   # the default with LoRA r=8, seeds 1-3
     python -m vppo.sweep --arms grpo,vppo --seeds 1
     python -m vppo.sweep --quick                  # two arms, one seed, 2 steps (runs/sweep_quick_<testbed>)
     python -m vppo.sweep --aggregate-only         # the table and curves from <results>/raw/*.json
@@ -188,6 +190,13 @@ TESTBEDS = {
         "default", {"vppo": []}, {"vppo": (1, 2, 3)},
         Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
         "docs/default_qwen3_vl", False, "qwen3_vl", ("model.tiny_family=qwen3_vl", "algo.patch_size=16"),
+    ),
+    # the embedded default with LoRA r=8 on the language model (vppo/lora.py): does it learn? The
+    # learning rate is ten times the full-weight one (2e-4), the usual ratio for LoRA at a small rank.
+    "default_lora": Testbed(
+        "default", {"vppo": []}, {"vppo": (1, 2, 3)},
+        Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
+        "docs/default_lora", False, "qwen2_5_vl", ("model.lora_rank=8", "train.lr=2.0e-3"),
     ),
 }  # fmt: skip
 
