@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import io
 import json
@@ -479,6 +480,33 @@ def test_checkpoint_generation_defaults_are_not_applied(loaded, data_dir):
     probs = load_benchmark("geo3k", data_dir).problems[:1]
     texts = evaluate.rollout_sampler(model, proc, GenSettings(1.0, 1.0, 0, 6))(probs, [list(range(6))])
     assert len(set(texts)) > 1  # top_k=1 from the checkpoint would make all six identical
+
+
+def test_regrouped_stragglers_give_the_responses_of_one_pass(loaded, data_dir, monkeypatch):
+    """--regroup-after: rows still running after k tokens are generated again on their own from the same
+    seeds; every response equals the one-pass response. A third of the vocabulary counts as EOS here so
+    that some rows stop before k, some between k and max_new_tokens, some never."""
+    from vppo import tokens
+
+    model, proc = loaded
+    real = tokens.token_ids(model, proc)
+    eos = [*real.eos, *range(40, 40 + len(proc.tokenizer) // 12)]
+    monkeypatch.setattr(evaluate, "token_ids", lambda m, p: dataclasses.replace(real, eos=eos))
+    calls = []
+    inner = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(a[1]["input_ids"].shape[0] * a[2])
+                        or inner(*a, **k))  # fmt: skip
+    probs = load_benchmark("geo3k", data_dir).problems
+    seeds = [evaluate.sample_seeds(evaluate.problem_seed(0, "geo3k", i), 4) for i in range(len(probs))]
+    gen = GenSettings(1.0, 1.0, 0, 16)
+    one = evaluate.rollout_sampler(model, proc, gen)(probs, seeds)
+    assert calls == [16]
+    calls.clear()
+    two = evaluate.rollout_sampler(model, proc, gen, regroup_after=3)(probs, seeds)
+    assert two == one
+    assert calls[0] == 16 and 0 < calls[1] < 16  # the stragglers only, one row each
+    with pytest.raises(ValueError, match="regroup_after"):
+        evaluate.rollout_sampler(model, proc, gen, regroup_after=-1)
 
 
 def test_validation_api_on_loaded_problems(loaded):

@@ -158,10 +158,16 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
     assert summary["grpo"]["test_mean"] == grpo["test"]["accuracy"] and summary["grpo"]["test_std"] == 0.0
     table = (res / "table.md").read_text()
     assert f"| GRPO | 1 | {100 * grpo['test']['accuracy']:.1f} |" in table and (res / "curves.png").exists()
-    # a third call finds everything done: nothing retrained
+    assert f"--regroup-after {sweep.REGROUP_AFTER}" in (out / "vppo" / "seed1" / "sweep.log").read_text()
+    # a third call finds everything done: nothing retrained; the result keeps the commit that trained it
+    times = out / "vppo" / "seed1" / "sweep_times.json"
+    vppo_raw = json.loads((res / "raw" / "vppo_s1.json").read_text())
+    assert json.loads(times.read_text())["code"] == vppo_raw["code"]
+    times.write_text(json.dumps({**json.loads(times.read_text()), "code": "trained-here"}))
     stamp = (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (out / "vppo" / "seed1" / sweep.DONE).stat().st_mtime_ns == stamp
+    assert json.loads((res / "raw" / "vppo_s1.json").read_text())["code"] == "trained-here"
     assert "$ " not in (out / "vppo" / "seed1" / "sweep.log").read_text().split("vppo.spotlight")[-1]
     # a later sitting without the run folders: the committed raw results stand, nothing retrained
     before = {p.name: p.read_text() for p in (res / "raw").glob("*.json")}

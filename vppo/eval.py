@@ -180,6 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "vppo_prompt.json by vppo.train / vppo.tiny, else the released VPPO suffix); '' for none",
     )
     ap.add_argument("--batch-size", type=int, default=8, help="problems per generate call")
+    ap.add_argument(
+        "--regroup-after", type=int, default=0, metavar="K",
+        help="hf engine: rows still running after K tokens are finished on their own, so one response "
+        "that never stops does not hold its whole batch to --max-new-tokens (the same responses: each "
+        "row is seeded on its own); 0: off",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<model name>)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
@@ -215,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(vllm_missing().replace("rollout.engine=vllm", "--engine vllm"))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.regroup_after < 0:
+        raise ValueError(f"--regroup-after must be >= 0 (0: off), got {args.regroup_after}")
     for name in ("samples", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -363,6 +371,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
         "seed": args.seed,
         "seeding": "per sample: sha256('vppo-eval', seed, benchmark, row) then sha256(problem seed, sample)",
         "batch_size": args.batch_size,
+        "regroup_after": args.regroup_after,
         "image_pixels": image_pixels(processor),
         "prompt": prompt_template(processor, benches[0].problems[0], suffix),
         "grader": {**grader_version(), "name": args.grader},
@@ -413,6 +422,7 @@ def main(argv: list[str] | None = None, *, sample_fn: SampleFn | None = None) ->
             progress=False if args.no_progress else b.title,
             sample_fn=sample_fn,
             grader=args.grader,
+            regroup_after=args.regroup_after,
         )
         summary[b.name] = res.summary()
         if args.math_verify:

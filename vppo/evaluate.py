@@ -29,7 +29,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -132,28 +132,56 @@ class _SeededModel:
 
 
 def rollout_sampler(
-    model, processor, gen: GenSettings, *, repetition_penalty: float = 1.0, suffix: str | None = PROMPT_SUFFIX
+    model,
+    processor,
+    gen: GenSettings,
+    *,
+    repetition_penalty: float = 1.0,
+    suffix: str | None = PROMPT_SUFFIX,
+    regroup_after: int = 0,
 ) -> SampleFn:
     """The default SampleFn: the processor's left-padded prompts (vppo.data, `suffix` after the problem
-    text), rollout.generate() (the training loop's sampling code) with one seeded generator per sample."""
-    ids = token_ids(model, processor)
+    text), rollout.generate() (the training loop's sampling code) with one seeded generator per sample.
 
-    def sample(problems: Sequence[Problem], seeds: list[list[int]]) -> list[str]:
-        n = len(seeds[0])
+    generate() decodes a batch until its last row stops, so one response that never emits an EOS makes
+    every row of its batch run to max_new_tokens. With `regroup_after` = k > 0 (and k < max_new_tokens)
+    the batch is first generated for k tokens; the rows still running then are generated again on their
+    own, with the full budget, from the same seeds. A row's tokens depend only on its prompt and its
+    generator (SeededSampler), so the rerun repeats its first k tokens and goes on: the responses are
+    those of one pass (bar floating-point differences between batch shapes), and a straggler costs k
+    tokens twice instead of holding its whole batch."""
+    ids = token_ids(model, processor)
+    if regroup_after < 0:
+        raise ValueError(f"regroup_after must be >= 0 (0: off), got {regroup_after}")
+
+    def run(problems: Sequence[Problem], flat_seeds: list[int], n: int, g: GenSettings):
         inputs = encode_prompts(problems, processor, suffix)
-        sampler = SeededSampler([s for row in seeds for s in row], gen)
-        ro = generate(
-            _SeededModel(model, sampler, repetition_penalty),
+        return generate(
+            _SeededModel(model, SeededSampler(flat_seeds, g), repetition_penalty),
             inputs,
             n,
-            gen,
+            g,
             eos_ids=ids.eos,
             pad_id=ids.pad,
             suppress_ids=ids.vision,
             vision_start_id=ids.vision_start,
             tokenizer=processor.tokenizer,
         )
-        return ro.texts
+
+    def sample(problems: Sequence[Problem], seeds: list[list[int]]) -> list[str]:
+        n, flat = len(seeds[0]), [s for row in seeds for s in row]
+        if not 0 < regroup_after < gen.max_new_tokens:
+            return run(problems, flat, n, gen).texts
+        ro = run(problems, flat, n, replace(gen, max_new_tokens=regroup_after))
+        texts = list(ro.texts)
+        responses = ro.input_ids[:, ro.prompt_len :]
+        stopped = torch.isin(responses, torch.tensor(ids.eos)).any(-1)  # (B,)
+        running = (~stopped & (responses.shape[1] == regroup_after)).nonzero().flatten().tolist()
+        if running:  # one row per straggler (n = 1), each with its own seed
+            again = run([problems[r // n] for r in running], [flat[r] for r in running], 1, gen)
+            for r, text in zip(running, again.texts):
+                texts[r] = text
+        return texts
 
     return sample
 
@@ -356,6 +384,7 @@ def evaluate_problems(
     progress: bool | str = False,
     sample_fn: SampleFn | None = None,
     grader: str = "project",
+    regroup_after: int = 0,
 ) -> EvalResult:
     """avg@`samples` of `problems`: generate, grade with the training reward's grader, average.
 
@@ -370,6 +399,8 @@ def evaluate_problems(
         progress: False, True, or a tqdm description.
         sample_fn: replaces the default sampler (rollout_sampler); tests and custom backends.
         grader: "project" (the training reward's grader) or "released" (the authors' harness).
+        regroup_after: rows still running after this many tokens are finished on their own
+            (rollout_sampler; the same responses, without one straggler holding its batch; 0: off).
     Returns: EvalResult (accuracy and stderr as fractions in [0, 1]).
     """
     if samples < 1:
@@ -384,8 +415,9 @@ def evaluate_problems(
     if len(set(indices)) != len(indices):
         raise ValueError("problems: duplicate row indices (meta['row']); seeds would repeat")
     sample_fn = sample_fn or rollout_sampler(
-        model, processor, gen, repetition_penalty=repetition_penalty, suffix=suffix
-    )
+        model, processor, gen, repetition_penalty=repetition_penalty, suffix=suffix,
+        regroup_after=regroup_after,
+    )  # fmt: skip
     done: dict[int, ProblemResult] = dict(cache.done) if cache is not None else {}
     todo = [(i, p) for i, p in zip(indices, problems) if i not in done]
     bar = None

@@ -147,6 +147,11 @@ QUICK = Budget(
 )
 
 
+# vppo.eval --regroup-after: a test response still running after twice the training length (64) is
+# finished on its own, so one that never stops does not hold its batch of 128 to 2048 tokens (the same
+# responses either way; an evaluation took 89 min without it, vppo_s1 of docs/default_qwen3_vl).
+REGROUP_AFTER = 128
+
 # The claims rest on GRPO, VPPO, TGF only and random 40 %: five seeds each; the other arms three.
 KEY_ARMS = ("grpo", "vppo", "tgf_only", "random40")
 DEFAULT_ARMS = {  # the embedded default (configs/tiny.yaml) and its GRPO baseline, as the README runs them
@@ -291,12 +296,14 @@ class Sweep:
             print(f"[sweep] {arm} seed {seed}: finished in an earlier sitting ({raw_path})", flush=True)
             return prev
         times = _read_json(rd / "sweep_times.json") or {}
+        code = times.pop("code", None)  # the commit that trained it (not the one collecting it later)
         if not (rd / DONE).exists():
             t0 = time.time()
             _run([self.python, "-m", "vppo.train", *self.overrides(arm, seed)], log, self.threads)
             times["train_s"] = times.get("train_s", 0) + time.time() - t0
+            code = _git_commit()
             (rd / DONE).write_text("trained\n")
-            _write_json(rd / "sweep_times.json", times)
+            _write_json(rd / "sweep_times.json", {**times, "code": code})
         if not (rd / "eval" / "manifest.json").exists():
             t0 = time.time()
             cmd = [
@@ -318,12 +325,14 @@ class Sweep:
                 "--no-progress",
                 "--batch-size",
                 "16",
+                "--regroup-after",
+                str(REGROUP_AFTER),
             ]
             if b.eval_limit:
                 cmd += ["--limit", str(b.eval_limit)]
             _run(cmd, log, self.threads)
             times["eval_s"] = time.time() - t0
-            _write_json(rd / "sweep_times.json", times)
+            _write_json(rd / "sweep_times.json", {**times, "code": code})
         if self.testbed.spotlight and not (rd / "spotlight" / "spotlight.json").exists():
             t0 = time.time()
             cmd = [
@@ -347,14 +356,15 @@ class Sweep:
             ]
             _run(cmd, log, self.threads)
             times["spotlight_s"] = time.time() - t0
-            _write_json(rd / "sweep_times.json", times)
+            _write_json(rd / "sweep_times.json", {**times, "code": code})
         raw = collect(rd, arm, seed, self.overrides(arm, seed), b, self.data_dir() / "test.parquet")
         raw["base_sha"] = self.base_sha
         raw["testbed"] = self.testbed.synth
         # the machine (CPU model, vector ISA) and package versions the numbers ran on, and the threads
         raw["packages"] = _read_json(rd / "eval" / "manifest.json").get("packages")
         raw["threads"] = self.threads
-        raw["code"] = _git_commit()
+        # the training commit; a run trained before it was recorded keeps what its raw JSON said
+        raw["code"] = code or (prev or {}).get("code") or _git_commit()
         raw["seconds"] = {k: round(v, 1) for k, v in times.items()}
         _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
         return raw
@@ -386,12 +396,13 @@ class Sweep:
                 self.python, "-m", "vppo.eval", "--model", self.base_model(), "--benchmarks", "synth",
                 "--data-dir", str(self._eval_data()), "--samples", str(b.eval_samples), "--out", str(d),
                 "--threads", str(self.threads), "--no-progress", "--batch-size", "16",
+                "--regroup-after", str(REGROUP_AFTER),
             ]  # fmt: skip
             if b.eval_limit:
                 cmd += ["--limit", str(b.eval_limit)]
             _run(cmd, self.out / "base" / "sweep.log", self.threads)
         res = {
-            "model": self.base_model(),
+            "model": _repo_relative(self.base_model()),
             "base_sha": self.base_sha,
             "test": eval_result(d, self.data_dir() / "test.parquet"),
             "packages": _read_json(d / "manifest.json").get("packages"),  # what the numbers ran on
@@ -449,6 +460,12 @@ def check_base(recorded: dict, sha: str, where: Path) -> None:
             f"{where} was measured from base weights {theirs}, this sitting's base is {sha}: runs from "
             "different bases are not one sweep. Use another --results folder, or rebuild that base."
         )
+
+
+def _repo_relative(path: str) -> str:
+    """`path` relative to the repository when inside it (a checkout's location is not a result)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO_ROOT.resolve())) if p.is_relative_to(REPO_ROOT.resolve()) else path
 
 
 def _git_commit() -> str | None:
