@@ -153,6 +153,7 @@ def test_quick_mode_resumes_after_sigkill(tmp_path):
         assert [c["step"] for c in raw["curve"]] == [0, 1, 2]
         assert raw["generated_samples"] == raw["trained_samples"] == 2 * 2 * 4
         assert raw["spotlight"]["all"]["responses"] == 2
+        assert 0 < raw["seconds"]["train_cpu_s"] and 0 < raw["seconds"]["train_s"]
     summary = json.loads((res / "summary.json").read_text())
     grpo = json.loads((res / "raw" / "grpo_s1.json").read_text())
     assert summary["grpo"]["test_mean"] == grpo["test"]["accuracy"] and summary["grpo"]["test_std"] == 0.0

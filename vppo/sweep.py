@@ -44,6 +44,7 @@ import functools
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -219,14 +220,23 @@ def _env(threads: int) -> dict:
     return env
 
 
-def _run(cmd: list[str], log: Path, threads: int) -> None:
+def _cpu_children() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> float:
+    """Run `cmd` with its output appended to `log`; returns the CPU seconds it used (user + system: on a
+    shared machine the wall time also counts the other jobs, the CPU time does not)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    cpu = _cpu_children()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=REPO_ROOT)
     if r.returncode:
         raise RuntimeError(f"{cmd[2]} failed (exit {r.returncode}); see {log}")
+    return _cpu_children() - cpu
 
 
 @dataclass
@@ -299,8 +309,9 @@ class Sweep:
         code = times.pop("code", None)  # the commit that trained it (not the one collecting it later)
         if not (rd / DONE).exists():
             t0 = time.time()
-            _run([self.python, "-m", "vppo.train", *self.overrides(arm, seed)], log, self.threads)
+            cpu = _run([self.python, "-m", "vppo.train", *self.overrides(arm, seed)], log, self.threads)
             times["train_s"] = times.get("train_s", 0) + time.time() - t0
+            times["train_cpu_s"] = times.get("train_cpu_s", 0) + cpu  # CPU time, as train_s: since the resume
             code = _git_commit()
             (rd / DONE).write_text("trained\n")
             _write_json(rd / "sweep_times.json", {**times, "code": code})
