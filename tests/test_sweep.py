@@ -308,6 +308,32 @@ def test_spotlight_yaml_is_the_sweeps_vppo_arm(tmp_path):
     assert c.run.spotlight_problems == 8 and o.run.spotlight_problems == 0
     o.run.spotlight_problems = c.run.spotlight_problems
     assert c == o
+    # the testbed of the diagnostic during training runs exactly that config, over seeds
+    d = sweep.TESTBEDS["spotlight_diag"]
+    o = load_config(None, sweep.Sweep(tmp_path, tmp_path, d.budget, testbed=d).overrides("vppo", 1))
+    o.run.output_dir = c.run.output_dir
+    assert c == o and d.results != sweep.TESTBEDS["spotlight"].results
+
+
+def test_spot_curve_table_by_hand():
+    """Per validation step, mean ± std over the seeds that have it; runs without the diagnostic and
+    keys a step lacks are left out."""
+
+    def point(step, val, rprec, **kw):
+        return {"step": step, "val_accuracy": val, "spot_k3_rprec": rprec, "spot_parsed_frac": 1.0, **kw}
+
+    runs = {
+        "vppo": [
+            {"seed": 1, "curve": [point(0, 0.3, 0.8, spot_kl_rprec=0.5), point(10, 0.4, 0.6)]},
+            {"seed": 2, "curve": [point(0, 0.5, 0.6)]},
+        ],
+        "grpo": [{"seed": 1, "curve": [{"step": 0, "val_accuracy": 0.3}]}],
+    }
+    rows = sweep.spot_curve_table(runs).splitlines()
+    assert rows[0] == "VPPO, seeds 1, 2 (mean ± std over seeds):" and not any("GRPO" in r for r in rows)
+    assert rows[4] == "| 0 | 2 | 40.0 ± 14.1 | 100.0 ± 0.0 |  | 70.0 ± 14.1 / 50.0 /  /  |  |"
+    assert rows[5] == "| 10 | 1 | 40.0 | 100.0 |  | 60.0 /  /  /  |  |"
+    assert sweep.spot_curve_table({"grpo": runs["grpo"]}) == ""
 
 
 def test_readme_table_is_the_committed_sweep_table():
@@ -375,7 +401,9 @@ def test_readme_tables_are_rebuilt_from_the_committed_raw_results(results, marke
         shutil.copy(root / "docs" / results / "base.json", f"{tmp}/base.json")
         sweep.aggregate(Path(tmp), plot=False)
         table, pairs = (Path(tmp) / "table.md").read_text(), (Path(tmp) / "paired.md").read_text()
+        spot = Path(tmp) / "spot_curve.md"
+        spot = spot.read_text() if spot.exists() else ""
     readme = (root / "README.md").read_text()
     section = readme[readme.index(f"<!-- {marker}:start -->") : readme.index(f"<!-- {marker}:end -->")]
-    assert table.strip() in section
+    assert table.strip() in section and spot.strip() in section
     assert pairs.count("\n") <= 2 or pairs.strip() in section

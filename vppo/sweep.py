@@ -5,6 +5,7 @@
     python -m vppo.sweep --testbed multiread      # several values read per response: 4 arms, seeds 1-3
     python -m vppo.sweep --testbed default_qwen3_vl  # the default on the tiny Qwen3-VL base, seeds 1-3
     python -m vppo.sweep --testbed default_lora   # the default with LoRA r=8, seeds 1-3
+    python -m vppo.sweep --testbed spotlight_diag # VPPO with the diagnostic at every validation, seeds 1-3
     python -m vppo.sweep --arms grpo,vppo --seeds 1
     python -m vppo.sweep --quick                  # two arms, one seed, 2 steps (runs/sweep_quick_<testbed>)
     python -m vppo.sweep --aggregate-only         # the table and curves from <results>/raw/*.json
@@ -190,6 +191,12 @@ TESTBEDS = {
     "multiread": Testbed(
         "multiread", {a: ARMS[a] for a in KEY_ARMS}, {a: (1, 2, 3) for a in KEY_ARMS},
         Budget(), "docs/sweep_multiread", True,
+    ),
+    # the diagnostic during training (configs/spotlight.yaml: the sweep's VPPO arm with the spotlight
+    # measured at every validation) over three seeds; it leaves the training as it is
+    "spotlight_diag": Testbed(
+        "spotlight", {"vppo": [*ARMS["vppo"], "run.spotlight_problems=8"]}, {"vppo": (1, 2, 3)},
+        Budget(), "docs/spotlight_run", False,
     ),
     # the embedded default on the tiny Qwen3-VL base (configs/tiny_qwen3_vl.yaml): does it learn?
     "default_qwen3_vl": Testbed(
@@ -542,11 +549,12 @@ def collect(rd: Path, arm: str, seed: int, overrides: list[str], budget: Budget,
     """The raw result of one finished run folder (small: committed under docs/sweep/raw/)."""
     recs = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in recs if "reward" in r]
-    curve = [
-        {"step": r["step"], "val_accuracy": r["val_accuracy"], "val_stderr": r.get("val_stderr")}
+    curve = [  # with the diagnostic during training (run.spotlight_problems), its spot_* numbers too
+        {"step": r["step"], "val_accuracy": r["val_accuracy"], "val_stderr": r.get("val_stderr"),
+         **{k: round(v, 4) for k, v in r.items() if k.startswith("spot_") and v is not None}}
         for r in recs
         if "val_accuracy" in r
-    ]
+    ]  # fmt: skip
     per_step = budget.prompts * budget.n
     tries = sum(r.get("tries", 1) for r in steps)
     spot = _read_json(rd / "spotlight" / "spotlight.json") or {}
@@ -672,9 +680,52 @@ def aggregate(results: str | Path, plot: bool = True) -> dict:
     _write_json(results / "summary.json", {**summary, **extra, "_paired": pairs})
     (results / "table.md").write_text(markdown_table(summary, base["test"] if base else None))
     (results / "paired.md").write_text(paired_table(pairs))
+    spot = spot_curve_table(by_arm)
+    if spot:
+        (results / "spot_curve.md").write_text(spot)
     if plot and by_arm:
         plot_curves(by_arm, results / "curves.png")
     return summary
+
+
+# the diagnostic during training, per validation step: (column, spot_* keys shown with a slash)
+SPOT_CURVE = (
+    ("responses in format", ("spot_parsed_frac",)),
+    ("top-40% recall k3", ("spot_k3_recall",)),
+    ("R-precision k3 / KL / entropy / random",
+     ("spot_k3_rprec", "spot_kl_rprec", "spot_entropy_rprec", "spot_random_rprec")),
+    ("k3 mass on visual", ("spot_k3_dep_mass",)),
+)  # fmt: skip
+
+
+def spot_curve_table(by_arm: dict[str, list[dict]]) -> str:
+    """The diagnostic during training of every arm that ran it: per validation step, val accuracy and
+    the spot_* numbers as mean ± std over the seeds that have that step ('' when no run has them)."""
+    lines = []
+    for arm, runs in by_arm.items():
+        runs = [r for r in runs if any("spot_k3_rprec" in c for c in r["curve"])]
+        if not runs:
+            continue
+        steps = sorted({c["step"] for r in runs for c in r["curve"]})
+        head = ["step", "seeds", "val", *(name for name, _ in SPOT_CURVE)]
+        lines += [f"{LABELS.get(arm, arm)}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std "
+                  "over seeds):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+        for step in steps:
+            at = [c for r in runs for c in r["curve"] if c["step"] == step and "spot_k3_rprec" in c]
+            cells = [str(step), str(len(at)), _over_seeds([c["val_accuracy"] for c in at])]
+            for _, keys in SPOT_CURVE:
+                cells.append(" / ".join(_over_seeds([c[k] for c in at if k in c]) for k in keys))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _over_seeds(vals: list[float]) -> str:
+    """mean ± std in percent; one value alone; '' for none."""
+    if not vals:
+        return ""
+    m, sd = _mean_std(vals)
+    return _pct(m, sd if len(vals) > 1 else None)
 
 
 def _pct(m: float, sd: float | None = None) -> str:
