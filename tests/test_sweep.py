@@ -287,13 +287,13 @@ def test_testbeds_plan_the_issue_seeds():
     for section in ("model", "data", "rollout", "algo"):
         assert getattr(cfg, section) == getattr(yaml, section), section
     assert sw.base_model().endswith("bases/tiny_qwen3_vl")
-    # the LoRA default is the embedded default on its shipped base with adapters r=8 and 10x the lr
+    # the LoRA default is the embedded default on its shipped base with adapters r=8 and 5x the lr
     lo = sweep.TESTBEDS["default_lora"]
     sw = sweep.Sweep(Path("o"), Path("r"), lo.budget, testbed=lo)
     cfg = load_config(None, sw.overrides("vppo", 1))
     for section in ("data", "rollout", "algo"):
         assert getattr(cfg, section) == getattr(base, section), section
-    assert (cfg.model.lora_rank, cfg.train.lr) == (8, 10 * base.train.lr)
+    assert (cfg.model.lora_rank, cfg.train.lr) == (8, 5 * base.train.lr)
     assert sw.base_model().endswith("bases/tiny")
 
 
