@@ -225,6 +225,20 @@ def apply_liger_patch(patch_name: str, hf: nn.Module) -> None:
         ) from e
 
 
+def mrope_positions(hf: nn.Module, inputs: dict) -> torch.Tensor:
+    """(3, B, L) M-RoPE positions from the model's own `get_rope_index` (helper of `rope_positions` for
+    families that have one with Qwen's signature); without an image grid, 0..L-1 on every row and axis
+    (the text model's own fallback)."""
+    ids = inputs["input_ids"]
+    if inputs.get("image_grid_thw") is None:
+        return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
+    pos, _ = hf.model.get_rope_index(
+        input_ids=ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+    )  # fmt: skip
+    return pos
+
+
 def share_by_index(per_image, which: list[int]) -> tuple:
     """A tuple of per-image tensors re-indexed by `which` (helper of `share_image_features`)."""
     return tuple(per_image[j] for j in which)

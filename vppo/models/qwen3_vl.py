@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vppo.models import Family, Size, apply_liger_patch, register, share_by_index
+from vppo.models import Family, Size, apply_liger_patch, mrope_positions, register, share_by_index
 
 # A one-turn subset of the Qwen3-VL-Instruct template: no default system turn, images as
 # <|vision_start|><|image_pad|><|vision_end|> where they stand in the content list.
@@ -48,15 +48,7 @@ class Qwen3_VL(Family):
     merge = 2
 
     def rope_positions(self, hf: nn.Module, inputs: dict) -> torch.Tensor:
-        ids = inputs["input_ids"]
-        if inputs.get("image_grid_thw") is None:
-            # Qwen3-VL's text model without rope ids (no image grid): 0..L-1 on every row and axis
-            return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
-        pos, _ = hf.model.get_rope_index(
-            input_ids=ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
-        )  # fmt: skip
-        return pos
+        return mrope_positions(hf, inputs)  # its own get_rope_index (interleaving is inside the model)
 
     def share_image_features(self, feats, which: list[int]):
         feats.pooler_output = share_by_index(feats.pooler_output, which)
