@@ -269,19 +269,26 @@ def _colour_letters_task(rng, size):
     return img, question, answer, response, [(len(head), len(head) + len(colour))]
 
 
+def _grid_bars(size: int, names: list[str], heights: list[int]) -> Image.Image:
+    """Bars of the given colours and heights (in UNIT pixels) side by side over faint grid lines at
+    every unit (the bars_height and multiread bar tasks)."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    bottom = size - 4
+    for u in range(1, 6):
+        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
+    width = (size - 8) // len(names)
+    for i, (name, h) in enumerate(zip(names, heights)):
+        x0 = 4 + i * width
+        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    return img
+
+
 def _bars_height_task(rng, size):
     k = int(rng.integers(2, 4))
     names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
     heights = [int(h) for h in rng.integers(1, 6, size=k)]  # units of UNIT pixels
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    bottom = size - 4
-    for u in range(1, 6):  # faint grid lines at every unit
-        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
-    width = (size - 8) // k
-    for i, (name, h) in enumerate(zip(names, heights)):
-        x0 = 4 + i * width
-        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    img = _grid_bars(size, names, heights)
     target = int(rng.integers(k))
     name, h = names[target], heights[target]
     question = f"How many grid units tall is the {name} bar? Double it."
@@ -298,15 +305,7 @@ def _bars_sum_task(rng, size):
     k = int(rng.integers(2, 4))
     names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
     heights = [int(h) for h in rng.integers(1, 5, size=k)]  # units of UNIT pixels
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    bottom = size - 4
-    for u in range(1, 6):
-        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
-    width = (size - 8) // k
-    for i, (name, h) in enumerate(zip(names, heights)):
-        x0 = 4 + i * width
-        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    img = _grid_bars(size, names, heights)
     read = " , ".join(f"{n} {h}" for n, h in zip(names, heights))
     total = sum(heights)
     question = "Add up the heights of all the bars, in grid units."
@@ -318,15 +317,7 @@ def _bars_max_task(rng, size):
     k = int(rng.integers(2, 4))
     names = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
     heights = [int(h) for h in rng.choice(np.arange(1, 6), size=k, replace=False)]  # one tallest
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    bottom = size - 4
-    for u in range(1, 6):
-        draw.line((0, bottom - u * UNIT, size - 1, bottom - u * UNIT), fill=(100, 100, 100), width=1)
-    width = (size - 8) // k
-    for i, (name, h) in enumerate(zip(names, heights)):
-        x0 = 4 + i * width
-        draw.rectangle((x0 + 3, bottom - h * UNIT, x0 + width - 4, bottom - 1), fill=COLOURS[name])
+    img = _grid_bars(size, names, heights)
     read = " , ".join(f"{n} {h}" for n, h in zip(names, heights))
     top = max(heights)
     question = "How many grid units tall is the tallest bar?"
