@@ -7,6 +7,7 @@ Each rank takes its shard of the groups (prompt groups g with g % world == rank,
 that shard, and rank 0 saves the step's record and the per-optimizer-step statistics.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -23,7 +24,15 @@ def main() -> None:
     traj = blob["batch"]
     groups = torch.arange(len(traj)) // run.cfg.rollout.n
     shard = traj.select((groups % run.world == run.rank).nonzero().squeeze(-1))
-    vt.prepare = lambda run, step: (shard, blob["info"])
+    # each rank's own counters, as sample_batch reports them: its share of the batch's drops and
+    # grader failures (one per row and per group of its shard here), so the logged totals are the
+    # one-process totals only if the step sums them over ranks
+    groups = len(shard) // run.cfg.rollout.n
+    info = dataclasses.replace(
+        blob["info"], dropped_groups=groups,
+        grader={"grader/timeouts": len(shard), "grader/errors": 1, "grader/crashes": groups - 1},
+    )  # fmt: skip
+    vt.prepare = lambda run, step: (shard, info)
     seen, real = [], vt.update
 
     def spy(*a, **kw):

@@ -196,11 +196,20 @@ def test_two_gloo_ranks_with_a_token_budget_log_the_one_process_statistics(asset
     from vppo.tokens import TokenIds  # noqa: F401  (pickled with the batch)
 
     run = train_setup(assets, tmp_path / "ids", *BASE)
+    traj = copy.deepcopy(traj)  # a sampling engine's log-probs, off the scored ones: the mismatch metric
+    g = torch.Generator().manual_seed(3)
+    traj.sampler_logp = traj.old_logp + torch.rand(traj.old_logp.shape, generator=g)
     torch.save({"batch": traj, "ids": run.ids, "info": info}, blob)
     ov = train_overrides(assets, tmp_path / "w", *BASE, "train.max_tokens_per_micro=50")
     one = _worker(1, blob, tmp_path / "one.pt", ov)
     two = _worker(2, blob, tmp_path / "two.pt", ov)
     _assert_same(two["record"], one["record"], "2 ranks vs 1")
+    # the counters and the mismatch are the whole batch's (dist_stats_worker deals the counters out)
+    d = (traj.sampler_logp - traj.old_logp).abs()[traj.response_mask]
+    assert two["record"]["logp_mismatch_max"] == pytest.approx(float(d.max()), rel=1e-6)
+    assert two["record"]["logp_mismatch_mean"] == pytest.approx(float(d.double().mean()), rel=1e-6)
+    assert (two["record"]["grader_timeouts"], two["record"]["grader_errors"]) == (len(traj), len(traj) // 4)
+    assert two["record"]["dropped_groups"] == len(traj) // 4  # rollout.n=4: groups of 4 rows
     assert len(two["steps"]) == len(one["steps"]) == 2
     for s, r in zip(two["steps"], one["steps"]):
         _assert_same(s, r, "2 ranks vs 1")

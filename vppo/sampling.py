@@ -15,6 +15,7 @@ import torch
 
 from vppo.config import Config
 from vppo.data import encode_prompts
+from vppo.distributed import all_reduce, mean_over_ranks
 from vppo.rollout import GenSettings, generate
 from vppo.tokens import TokenIds
 from vppo.trajectory import Trajectory, concat
@@ -133,8 +134,14 @@ def sampling_engine(cfg: Config, processor, ids: TokenIds, rank: int = 0, world:
 
 def mismatch_stats(traj: Trajectory) -> dict:
     """Train/inference mismatch, after scoring: mean and max |sampler_logp - old_logp| over the
-    response tokens; {} when the engine returned no log-probs (hf) or the batch is unscored."""
-    if traj.sampler_logp is None or traj.old_logp is None or not traj.response_mask.any():
+    response tokens of every rank's batch; {} when the engine returned no log-probs (hf) or the batch
+    is unscored (the same on every rank). Every rank must call it: it all-reduces."""
+    if traj.sampler_logp is None or traj.old_logp is None:
         return {}
-    d = (traj.sampler_logp - traj.old_logp).abs()[traj.response_mask]
-    return {"logp_mismatch_mean": float(d.mean()), "logp_mismatch_max": float(d.max())}
+    valid = traj.response_mask
+    d = (traj.sampler_logp - traj.old_logp).abs()
+    top = all_reduce(torch.where(valid, d.double(), -torch.inf).max().reshape(1), "max")
+    return {
+        "logp_mismatch_mean": mean_over_ranks(d, valid),
+        "logp_mismatch_max": float(top[0]) if torch.isfinite(top[0]) else 0.0,
+    }

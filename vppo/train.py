@@ -319,6 +319,11 @@ def train_step(run: Run, step: int) -> dict:
     dt = time.perf_counter() - t0
     # every statistic over the whole rollout batch of all ranks: sequence or token means
     valid, mean = traj.response_mask, distributed.mean_over_ranks
+    # each rank samples, filters and grades its own share: rounds are averaged, drops and failures summed
+    tries, dropped, timeouts, errors = all_reduce(torch.tensor([
+        info.tries, info.dropped_groups, info.grader.get("grader/timeouts", 0),
+        info.grader.get("grader/errors", 0) + info.grader.get("grader/crashes", 0),
+    ], dtype=torch.float64)).tolist()  # fmt: skip
     rec = {
         "step": step,
         "reward": mean(traj.rewards),
@@ -326,11 +331,11 @@ def train_step(run: Run, step: int) -> dict:
         "entropy": mean(traj.entropy, valid),
         "kept_frac": mean(traj.token_mask, valid) if traj.token_mask is not None else 1.0,
         "pad_frac_score": packing.pad_fraction(traj, run.cfg.train.packing, all_reduce),
-        "tries": info.tries,
-        "dropped_groups": info.dropped_groups,
+        "tries": int(tries) // run.world if tries % run.world == 0 else tries / run.world,  # mean over ranks
+        "dropped_groups": int(dropped),
         "skipped_steps": sum(s["skipped"] for s in steps),
-        "grader_timeouts": info.grader.get("grader/timeouts", 0),
-        "grader_errors": info.grader.get("grader/errors", 0) + info.grader.get("grader/crashes", 0),
+        "grader_timeouts": int(timeouts),
+        "grader_errors": int(errors),
         "step_seconds": dt,
         "tokens_per_second": float(all_reduce(valid.sum().reshape(1))[0]) / dt,
         **{f"time_{k}": v for k, v in run.timer.last().items()},
