@@ -25,7 +25,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,47 @@ def release_files(path: Path, split: str) -> list[Path]:
     if not path.is_dir():
         raise ValueError(f"{path} does not exist")
     return split_files(path, split)
+
+
+def convert_rows(
+    files: Iterable[Path],
+    need: Sequence[str],
+    schema: str,
+    convert: Callable[[dict, Path], tuple[str, list, Any]],
+    *,
+    consumed: Collection[str] | Callable[[str], bool],
+    keep: Callable[[dict], bool] | None = None,
+    extra: Callable[[Path], dict] | None = None,
+) -> tuple[list[dict], dict[int, str]]:
+    """The rows and broken reasons of a benchmark's table files: the loop every benchmark module
+    shares, so that each module says only how one of its records becomes a problem.
+
+    Each file is read (read_table) and its columns checked against `need` (require_columns, naming
+    `schema`). Each record that `keep` accepts (every record without `keep`; a skipped one gets no
+    row index) becomes the next row, its "row" counted across all the files: `convert(rec, file)`
+    gives its (problem text, images, answer), and the record's columns not `consumed` (a collection
+    of names, or a predicate on a name) come along as meta, followed by `extra(file)` when given
+    (per-file fields, as DynaMath's variant). A ValueError or FileNotFoundError from `convert` makes
+    the row a broken_row with the error as its reason; any other error propagates."""
+    is_consumed = consumed if callable(consumed) else frozenset(consumed).__contains__
+    rows: list[dict] = []
+    broken: dict[int, str] = {}
+    for f in files:
+        recs = read_table(f)
+        require_columns(recs, need, f, schema)
+        for rec in recs:
+            if keep is not None and not keep(rec):
+                continue
+            i = len(rows)
+            try:
+                problem, images, answer = convert(rec, f)
+            except (ValueError, FileNotFoundError) as e:
+                rows.append(broken_row(i, str(e), broken))
+                continue
+            meta = {k: v for k, v in rec.items() if not is_consumed(k)}
+            more = extra(f) if extra is not None else {}
+            rows.append({**meta, **more, "problem": problem, "answer": answer, "images": images, "row": i})
+    return rows, broken
 
 
 # ----------------------------------------------------------------------------------------------------

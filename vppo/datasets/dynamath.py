@@ -21,10 +21,8 @@ from pathlib import Path
 
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     image_value,
-    read_table,
-    require_columns,
     text_of,
     with_image,
 )
@@ -66,33 +64,22 @@ def read(path: Path, split: str | None = None) -> RawRows:
     except ValueError as e:
         raise ValueError(f"DynaMath variants must be numbers 1-10 (e.g. '1,2'), got {spec!r}") from e
     pairs = _variant_files(path, variants)
-    rows, broken = [], {}
+    variant_of = {f: variant for variant, f in pairs}  # a file holds one variant (its name says which)
     base = [path] if path.is_dir() else []
-    for variant, f in pairs:
-        recs = read_table(f)
-        require_columns(recs, ("question", "decoded_image", "ground_truth"), f, SCHEMA)
-        for rec in recs:
-            i = len(rows)
-            try:
-                text = with_image(text_of(rec, "question"))
-                image = image_value(rec["decoded_image"] or rec.get("image"), [f.parent, *base])
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {
-                k: v
-                for k, v in rec.items()
-                if k not in ("question", "decoded_image", "ground_truth", "image")
-            }
-            rows.append(
-                {
-                    **meta,
-                    "variant": variant,
-                    "problem": text,
-                    "answer": rec["ground_truth"],
-                    "images": [image],
-                    "row": i,
-                }
-            )
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        text = with_image(text_of(rec, "question"))
+        image = image_value(rec["decoded_image"] or rec.get("image"), [f.parent, *base])
+        return text, [image], rec["ground_truth"]
+
+    files = [f for _, f in pairs]
+    rows, broken = convert_rows(
+        files,
+        ("question", "decoded_image", "ground_truth"),
+        SCHEMA,
+        convert,
+        consumed=("question", "decoded_image", "ground_truth", "image"),
+        extra=lambda f: {"variant": variant_of[f]},
+    )
     choice = {"source": SOURCE, "variants": variants, "schema": SCHEMA}
-    return RawRows(rows, [f for _, f in pairs], choice, broken)
+    return RawRows(rows, files, choice, broken)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vppo.datasets import RawRows, broken_row, image_value, read_table, release_files, require_columns
+from vppo.datasets import RawRows, convert_rows, image_value, release_files
 
 KEY = "geo3k"
 SOURCE = "hiyouga/geometry3k"
@@ -25,20 +25,12 @@ DEFAULT_SPLIT = "test"
 def read(path: Path, split: str | None = None) -> RawRows:
     split = split or DEFAULT_SPLIT
     files = release_files(path, split)
-    rows, broken = [], {}
-    for f in files:
-        recs = read_table(f)
-        require_columns(recs, ("images", "problem", "answer"), f, SCHEMA)
-        for rec in recs:
-            i = len(rows)
-            try:
-                images = rec["images"] if isinstance(rec["images"], list) else [rec["images"]]
-                images = [image_value(im, [f.parent, path if path.is_dir() else f.parent]) for im in images]
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {k: v for k, v in rec.items() if k not in ("images", "problem", "answer")}
-            rows.append(
-                {**meta, "problem": rec["problem"], "answer": rec["answer"], "images": images, "row": i}
-            )
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        images = rec["images"] if isinstance(rec["images"], list) else [rec["images"]]
+        images = [image_value(im, [f.parent, path if path.is_dir() else f.parent]) for im in images]
+        return rec["problem"], images, rec["answer"]
+
+    columns = ("images", "problem", "answer")
+    rows, broken = convert_rows(files, columns, SCHEMA, convert, consumed=columns)
     return RawRows(rows, files, {"source": SOURCE, "split": split, "schema": SCHEMA}, broken)

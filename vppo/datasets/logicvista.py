@@ -14,10 +14,8 @@ from pathlib import Path
 
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     image_value,
-    read_table,
-    require_columns,
     text_of,
     with_image,
 )
@@ -34,16 +32,12 @@ def read(path: Path, split: str | None = None) -> RawRows:
     if not f.is_file():
         found = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else []
         raise ValueError(f"{path}: no dataset.json (the LogicVista release; folder holds {found})")
-    recs = read_table(f)
-    require_columns(recs, ("imagename", "question", "answer"), f, SCHEMA)
-    rows, broken = [], {}
-    for i, rec in enumerate(recs):
-        try:
-            text = with_image(text_of(rec, "question"))
-            image = image_value(rec["imagename"], [f.parent / "images", f.parent])
-        except (ValueError, FileNotFoundError) as e:
-            rows.append(broken_row(i, str(e), broken))
-            continue
-        meta = {k: v for k, v in rec.items() if k not in ("imagename", "question", "answer")}
-        rows.append({**meta, "problem": text, "answer": rec["answer"], "images": [image], "row": i})
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        text = with_image(text_of(rec, "question"))
+        image = image_value(rec["imagename"], [f.parent / "images", f.parent])
+        return text, [image], rec["answer"]
+
+    columns = ("imagename", "question", "answer")
+    rows, broken = convert_rows([f], columns, SCHEMA, convert, consumed=columns)
     return RawRows(rows, [f], {"source": SOURCE, "split": DEFAULT_SPLIT, "schema": SCHEMA}, broken)

@@ -23,11 +23,9 @@ from pathlib import Path
 
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     image_value,
-    read_table,
     release_files,
-    require_columns,
     with_image,
 )
 
@@ -45,26 +43,22 @@ def read(path: Path, split: str | None = None, *, versions: tuple[str, ...] = VE
     files = [f for f in release_files(path, split) if "text_only" not in f.name]
     if not files:
         raise ValueError(f"{path}: only a text-only file of split {split!r}; the image one is missing")
-    rows, broken = [], {}
     base = [path] if path.is_dir() else []
-    for f in files:
-        recs = read_table(f)
-        require_columns(recs, ("question", "image", "answer", "problem_version"), f, SCHEMA)
-        for rec in recs:
-            if rec["problem_version"] not in versions:
-                continue
-            i = len(rows)
-            try:
-                text = rec["question"] if str(rec["question"] or "").strip() else rec.get("query_wo")
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError("missing or empty 'question' (and no 'query_wo')")
-                image = image_value(rec["image"], [f.parent, *base])
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {k: v for k, v in rec.items() if k not in ("question", "image", "answer")}
-            rows.append(
-                {**meta, "problem": with_image(text), "answer": rec["answer"], "images": [image], "row": i}
-            )
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        text = rec["question"] if str(rec["question"] or "").strip() else rec.get("query_wo")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("missing or empty 'question' (and no 'query_wo')")
+        image = image_value(rec["image"], [f.parent, *base])
+        return with_image(text), [image], rec["answer"]
+
+    rows, broken = convert_rows(
+        files,
+        ("question", "image", "answer", "problem_version"),
+        SCHEMA,
+        convert,
+        consumed=("question", "image", "answer"),
+        keep=lambda rec: rec["problem_version"] in versions,
+    )
     choice = {"source": SOURCE, "split": split, "versions": list(versions), "schema": SCHEMA}
     return RawRows(rows, files, choice, broken)

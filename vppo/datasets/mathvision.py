@@ -20,13 +20,11 @@ from pathlib import Path
 
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     fold_options,
     image_value,
     parse_options,
-    read_table,
     release_files,
-    require_columns,
     text_of,
     with_image,
 )
@@ -43,21 +41,18 @@ DEFAULT_SPLIT = "test"
 def read(path: Path, split: str | None = None) -> RawRows:
     split = split or DEFAULT_SPLIT
     files = release_files(path, split)
-    rows, broken = [], {}
     base = [path] if path.is_dir() else []
-    for f in files:
-        recs = read_table(f)
-        require_columns(recs, ("question", "options", "decoded_image", "answer"), f, SCHEMA)
-        for rec in recs:
-            i = len(rows)
-            try:
-                text = fold_options(text_of(rec, "question"), parse_options(rec["options"]))
-                image = image_value(rec["decoded_image"] or rec.get("image"), [f.parent, *base])
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {k: v for k, v in rec.items() if k not in ("question", "decoded_image", "answer", "image")}
-            rows.append(
-                {**meta, "problem": with_image(text), "answer": rec["answer"], "images": [image], "row": i}
-            )
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        text = fold_options(text_of(rec, "question"), parse_options(rec["options"]))
+        image = image_value(rec["decoded_image"] or rec.get("image"), [f.parent, *base])
+        return with_image(text), [image], rec["answer"]
+
+    rows, broken = convert_rows(
+        files,
+        ("question", "options", "decoded_image", "answer"),
+        SCHEMA,
+        convert,
+        consumed=("question", "decoded_image", "answer", "image"),
+    )
     return RawRows(rows, files, {"source": SOURCE, "split": split, "schema": SCHEMA}, broken)

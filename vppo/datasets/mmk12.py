@@ -16,11 +16,9 @@ from pathlib import Path
 
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     image_value,
-    read_table,
     release_files,
-    require_columns,
     text_of,
     with_image,
 )
@@ -35,19 +33,12 @@ DEFAULT_SPLIT = "test"
 def read(path: Path, split: str | None = None) -> RawRows:
     split = split or DEFAULT_SPLIT
     files = release_files(path, split)
-    rows, broken = [], {}
     base = [path] if path.is_dir() else []
-    for f in files:
-        recs = read_table(f)
-        require_columns(recs, ("question", "answer", "image"), f, SCHEMA)
-        for rec in recs:
-            i = len(rows)
-            try:
-                image = image_value(rec["image"], [f.parent, *base])
-                text = with_image(text_of(rec, "question"))
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {k: v for k, v in rec.items() if k not in ("question", "answer", "image")}
-            rows.append({**meta, "problem": text, "answer": rec["answer"], "images": [image], "row": i})
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        image = image_value(rec["image"], [f.parent, *base])
+        return with_image(text_of(rec, "question")), [image], rec["answer"]
+
+    columns = ("question", "answer", "image")
+    rows, broken = convert_rows(files, columns, SCHEMA, convert, consumed=columns)
     return RawRows(rows, files, {"source": SOURCE, "split": split, "schema": SCHEMA}, broken)

@@ -26,12 +26,10 @@ from pathlib import Path
 from vppo.data import IMAGE_PLACEHOLDER
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     fold_options,
     image_value,
     parse_options,
-    read_table,
-    require_columns,
     text_of,
 )
 
@@ -80,25 +78,20 @@ def read(path: Path, split: str | None = None) -> RawRows:
     files = _files(path, config)
     vision = config == "vision"
     need = ("image", "options", "answer") if vision else ("question", "options", "answer", "image_1")
-    rows, broken = [], {}
     base = [path] if path.is_dir() else []
-    for f in files:
-        recs = read_table(f)
-        require_columns(recs, need, f, SCHEMA)
-        for rec in recs:
-            i = len(rows)
-            try:
-                if vision:
-                    text, images = IMAGE_PLACEHOLDER, [image_value(rec["image"], [f.parent, *base])]
-                else:
-                    text, images = _standard(rec, [f.parent, *base])
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {
-                k: v
-                for k, v in rec.items()
-                if k not in ("question", "answer", "image") and not k.startswith("image_")
-            }
-            rows.append({**meta, "problem": text, "answer": rec["answer"], "images": images, "row": i})
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        if vision:
+            text, images = IMAGE_PLACEHOLDER, [image_value(rec["image"], [f.parent, *base])]
+        else:
+            text, images = _standard(rec, [f.parent, *base])
+        return text, images, rec["answer"]
+
+    rows, broken = convert_rows(
+        files,
+        need,
+        SCHEMA,
+        convert,
+        consumed=lambda k: k in ("question", "answer", "image") or k.startswith("image_"),
+    )
     return RawRows(rows, files, {"source": SOURCE, "config": config, "schema": SCHEMA}, broken)

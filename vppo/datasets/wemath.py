@@ -18,11 +18,9 @@ from pathlib import Path
 
 from vppo.datasets import (
     RawRows,
-    broken_row,
+    convert_rows,
     image_value,
-    read_table,
     release_files,
-    require_columns,
     text_of,
     with_image,
 )
@@ -39,23 +37,15 @@ DEFAULT_SPLIT = "testmini"
 def read(path: Path, split: str | None = None) -> RawRows:
     split = split or DEFAULT_SPLIT
     files = release_files(path, split)
-    rows, broken = [], {}
     root = path if path.is_dir() else path.parent
-    for f in files:
-        recs = read_table(f)
-        require_columns(recs, ("question", "option", "image_path", "answer"), f, SCHEMA)
-        for rec in recs:
-            i = len(rows)
-            try:
-                text = text_of(rec, "question")
-                option = str(rec["option"] or "").strip()
-                text = f"{text.rstrip()}\nChoices: {option}" if option else text
-                image = image_value(rec["image_path"], [root / "images", root, f.parent])
-            except (ValueError, FileNotFoundError) as e:
-                rows.append(broken_row(i, str(e), broken))
-                continue
-            meta = {k: v for k, v in rec.items() if k not in ("question", "option", "image_path", "answer")}
-            rows.append(
-                {**meta, "problem": with_image(text), "answer": rec["answer"], "images": [image], "row": i}
-            )
+
+    def convert(rec: dict, f: Path) -> tuple[str, list, str]:
+        text = text_of(rec, "question")
+        option = str(rec["option"] or "").strip()
+        text = f"{text.rstrip()}\nChoices: {option}" if option else text
+        image = image_value(rec["image_path"], [root / "images", root, f.parent])
+        return with_image(text), [image], rec["answer"]
+
+    columns = ("question", "option", "image_path", "answer")
+    rows, broken = convert_rows(files, columns, SCHEMA, convert, consumed=columns)
     return RawRows(rows, files, {"source": SOURCE, "split": split, "schema": SCHEMA}, broken)
