@@ -1,6 +1,6 @@
 """Arms x seeds of the one training loop at an equal budget, evaluated, tabulated and plotted.
 
-    python -m vppo.sweep                          # the spotlight sweep (7 arms; seeds: PLAN)
+    python -m vppo.sweep                          # the spotlight sweep: 7 arms, seeds 1-5 (4 arms) or 1-3
     python -m vppo.sweep --testbed default        # the embedded default: VPPO and GRPO, seeds 1-3
     python -m vppo.sweep --testbed multiread      # several values read per response: 4 arms, seeds 1-3
     python -m vppo.sweep --testbed default_qwen3_vl  # the default on the tiny Qwen3-VL base, seeds 1-3
