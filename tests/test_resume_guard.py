@@ -97,6 +97,24 @@ def test_free_keys_and_a_longer_run_resume(tmp_path):
         plan_start(_cfg(out, "train.total_steps=2"))
 
 
+def test_a_legacy_value_in_the_saved_config_is_the_same_run(tmp_path):
+    """A checkpoint written when train.balance_batch was a boolean holds `false`; the config loads it as
+    'none' today: resuming it with the default is the same run (the spotlight sweep's TGF-only seed 1,
+    checkpointed at step 5 before the change, was refused as changed), a real change is still named."""
+    out = tmp_path / "run"
+    cfg = _cfg(out)
+    save_resolved(cfg, out)
+    legacy = to_yaml(cfg)
+    assert "balance_batch: none" in legacy
+    legacy = legacy.replace("balance_batch: none", "balance_batch: false")
+    (out / "config.yaml").write_text(legacy)
+    CheckpointManager(out, config=legacy).save(3, model=torch.nn.Linear(2, 2), state={"data_pos": 12})
+    start = plan_start(_cfg(out, "train.total_steps=5"))
+    assert start.step == 3 and start.changes == {}
+    with pytest.raises(RunFolderError, match=r"train.balance_batch: 'none' -> 'rollout'"):
+        plan_start(_cfg(out, "train.total_steps=5", "train.balance_batch=rollout"))
+
+
 def test_allowed_change_is_logged_at_the_resume_step_and_the_old_config_kept(tmp_path):
     out = _finished_run(tmp_path / "run")
     old_config = (out / "config.yaml").read_text()

@@ -316,6 +316,11 @@ RUN_DEFINING = frozenset({
 FILLED_AT_START = ("model.path", "data.train", "data.val")
 
 
+# Values an earlier version wrote that load as another value today ({key: {old: new}}): a checkpoint's
+# config.yaml holding one is the same run as a config holding its new form.
+LEGACY_VALUES: dict[str, dict[Any, Any]] = {"train.balance_batch": {True: "minibatch", False: "none"}}
+
+
 def config_changes(old: dict, new: Config, *, unfilled_ok: bool = False) -> dict[str, tuple[Any, Any]]:
     """{key: (old value, new value)} of the keys outside RESUME_FREE whose value differs between a
     saved config (`old`: config.yaml as a nested dict) and `new`. A key the saved config lacks
@@ -329,6 +334,8 @@ def config_changes(old: dict, new: Config, *, unfilled_ok: bool = False) -> dict
         before = flat_old.get(key, table[key][1] if key in table else None)
         if isinstance(before, tuple):
             before = list(before)
+        if key in LEGACY_VALUES and not isinstance(before, (list, dict)):
+            before = LEGACY_VALUES[key].get(before, before)
         if before != value:
             out[key] = (before, value)
     return out
@@ -621,7 +628,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.total_steps is not None:
         _check(t.total_steps >= 1, "train.total_steps", "must be >= 1 or null", t.total_steps)
     # the earlier boolean form of train.balance_batch stays valid
-    t.balance_batch = {True: "minibatch", False: "none"}.get(t.balance_batch, t.balance_batch)
+    t.balance_batch = LEGACY_VALUES["train.balance_batch"].get(t.balance_batch, t.balance_batch)
     if t.max_tokens_per_micro is not None:
         _check(t.max_tokens_per_micro >= 1, "train.max_tokens_per_micro", "must be >= 1 or null",
                t.max_tokens_per_micro)  # fmt: skip
