@@ -388,7 +388,8 @@ def test_quick_mode_never_writes_into_the_committed_results(monkeypatch, tmp_pat
 @pytest.mark.parametrize(
     "results, marker",
     [("default", "default"), ("sweep", "sweep"), ("default_qwen3_vl", "default_qwen3_vl"),
-     ("default_lora", "default_lora"), ("sweep_multiread", "sweep_multiread")],
+     ("default_lora", "default_lora"), ("sweep_multiread", "sweep_multiread"),
+     ("spotlight_run", "spotlight_run")],
 )  # fmt: skip
 def test_readme_tables_are_rebuilt_from_the_committed_raw_results(results, marker):
     """The README's results tables and their paired differences are what `vppo.sweep --testbed T
