@@ -54,6 +54,13 @@ def mean_over_ranks(values: torch.Tensor, mask: torch.Tensor | None = None) -> f
     return float(s[0] / s[1]) if s[1] > 0 else 0.0
 
 
+def max_over_ranks(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """The max of `values` at the positions `mask` keeps, over every rank's tensor together (one
+    all-reduce); -inf when no rank has a position."""
+    top = torch.where(mask.bool(), values.double(), -torch.inf).max().reshape(1)
+    return float(all_reduce(top, "max")[0])
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

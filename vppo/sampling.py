@@ -15,7 +15,7 @@ import torch
 
 from vppo.config import Config
 from vppo.data import encode_prompts
-from vppo.distributed import all_reduce, mean_over_ranks
+from vppo.distributed import max_over_ranks, mean_over_ranks
 from vppo.rollout import GenSettings, generate
 from vppo.tokens import TokenIds
 from vppo.trajectory import Trajectory, concat
@@ -140,8 +140,5 @@ def mismatch_stats(traj: Trajectory) -> dict:
         return {}
     valid = traj.response_mask
     d = (traj.sampler_logp - traj.old_logp).abs()
-    top = all_reduce(torch.where(valid, d.double(), -torch.inf).max().reshape(1), "max")
-    return {
-        "logp_mismatch_mean": mean_over_ranks(d, valid),
-        "logp_mismatch_max": float(top[0]) if torch.isfinite(top[0]) else 0.0,
-    }
+    top = max_over_ranks(d, valid)  # -inf when no rank has a response token
+    return {"logp_mismatch_mean": mean_over_ranks(d, valid), "logp_mismatch_max": max(top, 0.0)}

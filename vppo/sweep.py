@@ -156,6 +156,8 @@ REGROUP_AFTER = 128
 
 # The claims rest on GRPO, VPPO, TGF only and random 40 %: five seeds each; the other arms three.
 KEY_ARMS = ("grpo", "vppo", "tgf_only", "random40")
+# the embedded default's budget (configs/tiny.yaml): 100 steps, val avg@8 on 128 problems every 25
+DEFAULT_BUDGET = Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0)
 DEFAULT_ARMS = {  # the embedded default (configs/tiny.yaml) and its GRPO baseline, as the README runs them
     "grpo": ["algo.name=grpo", "algo.shaping=none", "algo.topk_ratio=1.0"],
     "vppo": [],
@@ -183,7 +185,7 @@ TESTBEDS = {
     ),
     "default": Testbed(
         "default", DEFAULT_ARMS, {a: (1, 2, 3) for a in DEFAULT_ARMS},
-        Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
+        DEFAULT_BUDGET,
         "docs/default", False,
     ),
     # several values read per response (about a fifth of the tokens): does ranking by dependency
@@ -201,7 +203,7 @@ TESTBEDS = {
     # the embedded default on the tiny Qwen3-VL base (configs/tiny_qwen3_vl.yaml): does it learn?
     "default_qwen3_vl": Testbed(
         "default", {"vppo": []}, {"vppo": (1, 2, 3)},
-        Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
+        DEFAULT_BUDGET,
         "docs/default_qwen3_vl", False, "qwen3_vl", ("model.tiny_family=qwen3_vl", "algo.patch_size=16"),
     ),
     # the embedded default with LoRA r=8 on the language model (vppo/lora.py): does it learn? The
@@ -210,7 +212,7 @@ TESTBEDS = {
     # stop; val avg@8 27.7 at step 75, 14.8 at 100): README, "LoRA".
     "default_lora": Testbed(
         "default", {"vppo": []}, {"vppo": (1, 2, 3)},
-        Budget(steps=100, val_every=25, val_samples=128, val_n=8, save_every=25, spot_problems=0),
+        DEFAULT_BUDGET,
         "docs/default_lora", False, "qwen2_5_vl", ("model.lora_rank=8", "train.lr=1.0e-3"),
     ),
 }  # fmt: skip
@@ -314,16 +316,15 @@ class Sweep:
             check_base(prev, self.base_sha, raw_path)
             print(f"[sweep] {arm} seed {seed}: finished in an earlier sitting ({raw_path})", flush=True)
             return prev
-        times = _read_json(rd / "sweep_times.json") or {}
-        code = times.pop("code", None)  # the commit that trained it (not the one collecting it later)
+        times = _read_json(rd / "sweep_times.json") or {}  # seconds of each phase; "code": training commit
         if not (rd / DONE).exists():
             t0 = time.time()
             cpu = _run([self.python, "-m", "vppo.train", *self.overrides(arm, seed)], log, self.threads)
             times["train_s"] = times.get("train_s", 0) + time.time() - t0
             times["train_cpu_s"] = times.get("train_cpu_s", 0) + cpu  # CPU time, as train_s: since the resume
-            code = _git_commit()
+            times["code"] = _git_commit()  # the commit that trained it, not the one collecting it later
             (rd / DONE).write_text("trained\n")
-            _write_json(rd / "sweep_times.json", {**times, "code": code})
+            _write_json(rd / "sweep_times.json", times)
         if not (rd / "eval" / "manifest.json").exists():
             t0 = time.time()
             cmd = [
@@ -352,7 +353,7 @@ class Sweep:
                 cmd += ["--limit", str(b.eval_limit)]
             _run(cmd, log, self.threads)
             times["eval_s"] = time.time() - t0
-            _write_json(rd / "sweep_times.json", {**times, "code": code})
+            _write_json(rd / "sweep_times.json", times)
         if self.testbed.spotlight and not (rd / "spotlight" / "spotlight.json").exists():
             t0 = time.time()
             cmd = [
@@ -376,7 +377,7 @@ class Sweep:
             ]
             _run(cmd, log, self.threads)
             times["spotlight_s"] = time.time() - t0
-            _write_json(rd / "sweep_times.json", {**times, "code": code})
+            _write_json(rd / "sweep_times.json", times)
         raw = collect(rd, arm, seed, self.overrides(arm, seed), b, self.data_dir() / "test.parquet")
         raw["base_sha"] = self.base_sha
         raw["testbed"] = self.testbed.synth
@@ -384,8 +385,8 @@ class Sweep:
         raw["packages"] = _read_json(rd / "eval" / "manifest.json").get("packages")
         raw["threads"] = self.threads
         # the training commit; a run trained before it was recorded keeps what its raw JSON said
-        raw["code"] = code or (prev or {}).get("code") or _git_commit()
-        raw["seconds"] = {k: round(v, 1) for k, v in times.items()}
+        raw["code"] = times.get("code") or (prev or {}).get("code") or _git_commit()
+        raw["seconds"] = {k: round(v, 1) for k, v in times.items() if k != "code"}
         _write_json(self.results / "raw" / f"{arm}_s{seed}.json", raw)
         return raw
 

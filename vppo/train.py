@@ -344,8 +344,8 @@ def train_step(run: Run, step: int) -> dict:
     }
     if traj.kl is not None:
         dep = objective.dependency_scores(traj, run.cfg.algo.dependency)
-        top = all_reduce(torch.where(valid, dep.float(), -torch.inf).max().reshape(1), "max")
-        rec.update(dep_mean=mean(dep, valid), dep_max=float(top[0]), kl_mean=mean(traj.kl, valid))
+        rec.update(dep_mean=mean(dep, valid), dep_max=distributed.max_over_ranks(dep, valid),
+                   kl_mean=mean(traj.kl, valid))  # fmt: skip
     for k in steps[0]:  # the mean over the optimizer steps; kept_frac is the whole batch's above
         if k not in ("skipped", "kept_frac"):
             rec[k] = sum(s[k] for s in steps) / len(steps)
