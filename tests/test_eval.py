@@ -484,7 +484,7 @@ def test_checkpoint_generation_defaults_are_not_applied(loaded, data_dir):
 
 def test_regrouped_stragglers_give_the_responses_of_one_pass(loaded, data_dir, monkeypatch):
     """--regroup-after: rows still running after k tokens are generated again on their own from the same
-    seeds; every response equals the one-pass response. A third of the vocabulary counts as EOS here so
+    seeds; every response equals the one-pass response. A twelfth of the vocabulary counts as EOS here so
     that some rows stop before k, some between k and max_new_tokens, some never."""
     from vppo import tokens
 
