@@ -337,8 +337,9 @@ def test_spot_curve_table_by_hand():
 
 
 def test_readme_table_is_the_committed_sweep_table():
-    """The README's results table is docs/sweep_legacy/table.md as vppo.sweep --aggregate-only writes
-    it from the committed raw results (rebuilt here into a temporary folder)."""
+    """The superseded sweep's page (docs/sweep_legacy/README.md) holds docs/sweep_legacy/table.md as
+    vppo.sweep --aggregate-only writes it from the committed raw results (rebuilt here into a
+    temporary folder)."""
     import shutil
     import tempfile
 
@@ -349,8 +350,8 @@ def test_readme_table_is_the_committed_sweep_table():
         shutil.copy(root / "docs" / "sweep_legacy" / "base.json", f"{tmp}/base.json")
         sweep.aggregate(Path(tmp), plot=False)
         assert (Path(tmp) / "table.md").read_text() == committed
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("<!-- sweep_legacy:start -->") : readme.index("<!-- sweep_legacy:end -->")]
+    page = (root / "docs" / "sweep_legacy" / "README.md").read_text()
+    section = page[page.index("<!-- sweep_legacy:start -->") : page.index("<!-- sweep_legacy:end -->")]
     assert committed.strip() in section
 
 
