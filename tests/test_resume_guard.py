@@ -242,3 +242,40 @@ def test_loop_refuses_a_changed_resume_before_loading_then_allows_and_overwrites
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001", "step-00000002"]
     assert not list(out.glob("config.step-*.yaml"))
+
+
+def test_a_base_and_data_moved_to_another_checkout_are_the_same_run(tmp_path):
+    """A run started in one checkout resumes in another: model.path is the other checkout's copy of
+    the shipped base and data.train / data.val the other cache's copies of the synthetic set (before,
+    refused as three changed keys although the bytes were the same). Copies that differ, and an old
+    path that is gone, are still refused."""
+    import shutil
+
+    from vppo.bases import BASES_DIR
+
+    def checkout(name: str) -> list[str]:
+        d = tmp_path / name
+        shutil.copytree(BASES_DIR / "tiny", d / "bases" / "tiny")
+        (d / "cache").mkdir()
+        for split in ("train", "val"):
+            (d / "cache" / f"{split}.parquet").write_bytes(f"{split} rows".encode())
+        return [f"model.path={d}/bases/tiny", f"data.train={d}/cache/train.parquet",
+                f"data.val={d}/cache/val.parquet"]  # fmt: skip
+
+    a, b = checkout("a"), checkout("b")
+    out = _finished_run(tmp_path / "run", *a)
+    start = plan_start(_cfg(out, "train.total_steps=5", *b))
+    assert start.resume == out / "checkpoints" / "step-00000003" and start.changes == {}
+
+    (tmp_path / "b" / "cache" / "val.parquet").write_bytes(b"val rowz")  # same size, other bytes
+    with pytest.raises(RunFolderError, match="data.val: ") as e:
+        plan_start(_cfg(out, "train.total_steps=5", *b))
+    assert "data.train" not in str(e.value) and "model.path" not in str(e.value)
+
+    sums = tmp_path / "b" / "bases" / "tiny" / "SHA256SUMS"
+    sums.write_text(sums.read_text().replace("config.json", "config.json ", 1))
+    shutil.rmtree(tmp_path / "a" / "cache")
+    with pytest.raises(RunFolderError) as e:
+        plan_start(_cfg(out, "train.total_steps=5", *b))
+    listed = [ln.strip().partition(":")[0] for ln in str(e.value).splitlines() if ln.startswith("  ")]
+    assert listed == ["model.path", "data.train", "data.val"], str(e.value)

@@ -551,7 +551,9 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
     ckpt = CheckpointManager(run_dir).resolve_resume(u.resume)
     if ckpt is None:
         saved = _read_config(run_dir / CONFIG)
-        changes = config_changes(saved, cfg, unfilled_ok=unfilled_ok) if saved is not None else {}
+        changes = (
+            _drop_same_bytes(config_changes(saved, cfg, unfilled_ok=unfilled_ok)) if saved is not None else {}
+        )
         if held and (saved is None or changes):
             why = "no config.yaml" if saved is None else "a different config: " + ", ".join(changes)
             raise RunFolderError(
@@ -581,7 +583,7 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
             f"train.total_steps={t} is below the step of the checkpoint it would resume ({ckpt}, step "
             f"{step}): set train.total_steps >= {step}, or use {new_folder}. Nothing was changed."
         )
-    changes = config_changes(saved, cfg, unfilled_ok=unfilled_ok)
+    changes = _drop_same_bytes(config_changes(saved, cfg, unfilled_ok=unfilled_ok))
     kept = f"config.step-{step:08d}.yaml"
     if changes and not u.allow_config_change:
         lines = "\n".join(f"  {k}: {_fmt(old)} -> {_fmt(new)}" for k, (old, new) in changes.items())
@@ -594,6 +596,37 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
             f"old config kept as {kept}). Nothing was changed."
         )
     return RunStart(ckpt, step, changes, kept if changes else None)
+
+
+# Path keys whose change is no change when both paths hold the same bytes: another checkout's copy of
+# a shipped base (its SHA256SUMS, checked when it loads) or another cache's copy of the same data file.
+SAME_BYTES_KEYS = ("model.path", "data.train", "data.val")
+
+
+def _drop_same_bytes(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """changes without the SAME_BYTES_KEYS whose old and new path both exist and hold the same bytes:
+    a model folder by its shipped SHA256SUMS (a folder without one, or an old path that is gone, stays
+    a change), a file by its sha256."""
+    from vppo.bases import SUMS, sha256_file
+
+    def same(old: Any, new: Any) -> bool:
+        if not (isinstance(old, str) and isinstance(new, str)):
+            return False
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        if a.is_dir() and b.is_dir():
+            return (
+                (a / SUMS).is_file()
+                and (b / SUMS).is_file()
+                and (a / SUMS).read_bytes() == (b / SUMS).read_bytes()
+            )
+        if a.is_file() and b.is_file():
+            return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+        return False
+
+    kept = {k: v for k, v in changes.items() if not (k in SAME_BYTES_KEYS and same(*v))}
+    for k in changes.keys() - kept.keys():
+        log.info("resume: %s moved (%s -> %s), same bytes: not a change", k, *changes[k])
+    return kept
 
 
 def _same_folder(resume: str, run_dir: Path) -> bool:
