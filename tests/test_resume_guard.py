@@ -11,6 +11,7 @@ rules run on a hand-made run folder (no model); one test drives the real loop an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,25 +245,24 @@ def test_loop_refuses_a_changed_resume_before_loading_then_allows_and_overwrites
     assert not list(out.glob("config.step-*.yaml"))
 
 
+def _checkout(d: Path) -> list[str]:
+    """A copy of the shipped tiny base and of a two-file data cache under d: their overrides."""
+    from vppo.bases import BASES_DIR
+
+    shutil.copytree(BASES_DIR / "tiny", d / "bases" / "tiny")
+    (d / "cache").mkdir()
+    for split in ("train", "val"):
+        (d / "cache" / f"{split}.parquet").write_bytes(f"{split} rows".encode())
+    return [f"model.path={d}/bases/tiny", f"data.train={d}/cache/train.parquet",
+            f"data.val={d}/cache/val.parquet"]  # fmt: skip
+
+
 def test_a_base_and_data_moved_to_another_checkout_are_the_same_run(tmp_path):
     """A run started in one checkout resumes in another: model.path is the other checkout's copy of
     the shipped base and data.train / data.val the other cache's copies of the synthetic set (before,
     refused as three changed keys although the bytes were the same). Copies that differ, and an old
     path that is gone, are still refused."""
-    import shutil
-
-    from vppo.bases import BASES_DIR
-
-    def checkout(name: str) -> list[str]:
-        d = tmp_path / name
-        shutil.copytree(BASES_DIR / "tiny", d / "bases" / "tiny")
-        (d / "cache").mkdir()
-        for split in ("train", "val"):
-            (d / "cache" / f"{split}.parquet").write_bytes(f"{split} rows".encode())
-        return [f"model.path={d}/bases/tiny", f"data.train={d}/cache/train.parquet",
-                f"data.val={d}/cache/val.parquet"]  # fmt: skip
-
-    a, b = checkout("a"), checkout("b")
+    a, b = _checkout(tmp_path / "a"), _checkout(tmp_path / "b")
     out = _finished_run(tmp_path / "run", *a)
     start = plan_start(_cfg(out, "train.total_steps=5", *b))
     assert start.resume == out / "checkpoints" / "step-00000003" and start.changes == {}
@@ -279,3 +279,31 @@ def test_a_base_and_data_moved_to_another_checkout_are_the_same_run(tmp_path):
         plan_start(_cfg(out, "train.total_steps=5", *b))
     listed = [ln.strip().partition(":")[0] for ln in str(e.value).splitlines() if ln.startswith("  ")]
     assert listed == ["model.path", "data.train", "data.val"], str(e.value)
+
+
+def test_every_start_records_its_base_and_a_moved_base_is_recognised_after_the_old_folder_is_gone(tmp_path):
+    """A start appends a line to provenance.jsonl (step, base path and sha256, packages and commit).
+    When the checkout the run started in is gone (moved or deleted), its base is recognised by that
+    recorded sha256 (before, refused as a changed model.path); a base with other bytes is refused."""
+    a, b = _checkout(tmp_path / "a"), _checkout(tmp_path / "b")
+    data = [x for x in a if x.startswith("data.")]  # data stay where they are: only the base moves
+    out = tmp_path / "run"
+    cfg = _cfg(out, a[0], *data)
+    assert open_run(cfg, rank=0) == RunStart()
+    CheckpointManager(out, config=to_yaml(cfg)).save(3, model=torch.nn.Linear(2, 2), state={"data_pos": 12})
+    first = [json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()]
+    assert len(first) == 1 and first[0]["step"] == 0 and first[0]["base"]["path"] == cfg.model.path
+    assert len(first[0]["base"]["sha256"]) == 64 and "git_commit" in first[0]["packages"]
+
+    shutil.rmtree(tmp_path / "a" / "bases")
+    start = open_run(_cfg(out, "train.total_steps=5", b[0], *data), rank=0)
+    assert start.resume == out / "checkpoints" / "step-00000003" and start.changes == {}
+    lines = [json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 3] and lines[1]["base"]["sha256"] == first[0]["base"]["sha256"]
+
+    (tmp_path / "b" / "bases" / "tiny" / "config.json").write_text("{}")  # another base at the new path
+    with pytest.raises(RunFolderError) as e:
+        plan_start(_cfg(out, "train.total_steps=5", b[0], *data))
+    assert [ln.strip().partition(":")[0] for ln in str(e.value).splitlines() if ln.startswith("  ")] == [
+        "model.path"
+    ]

@@ -28,6 +28,7 @@ run.overwrite; an unwritable folder fails there, not at the first save.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -437,6 +438,10 @@ class CheckpointManager:
 CONFIG = "config.yaml"  # the run folder's resolved config; each checkpoint holds its own copy too
 # what vppo.train writes into a run folder (run.overwrite deletes these and nothing else)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "export", "tb", "curves.png", "spotlight")
+# one line per start of the run: its step, the packages, machine and commit, and the base it loaded
+# (model.path with the sha256 of its files): what the run ran on, and how a resume recognises its
+# base after the folder it was loaded from is gone
+PROVENANCE = "provenance.jsonl"
 
 
 class RunFolderError(ValueError):
@@ -551,9 +556,8 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
     ckpt = CheckpointManager(run_dir).resolve_resume(u.resume)
     if ckpt is None:
         saved = _read_config(run_dir / CONFIG)
-        changes = (
-            _drop_same_bytes(config_changes(saved, cfg, unfilled_ok=unfilled_ok)) if saved is not None else {}
-        )
+        changes = config_changes(saved, cfg, unfilled_ok=unfilled_ok) if saved is not None else {}
+        changes = _drop_same_bytes(changes, run_dir)
         if held and (saved is None or changes):
             why = "no config.yaml" if saved is None else "a different config: " + ", ".join(changes)
             raise RunFolderError(
@@ -583,7 +587,7 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
             f"train.total_steps={t} is below the step of the checkpoint it would resume ({ckpt}, step "
             f"{step}): set train.total_steps >= {step}, or use {new_folder}. Nothing was changed."
         )
-    changes = _drop_same_bytes(config_changes(saved, cfg, unfilled_ok=unfilled_ok))
+    changes = _drop_same_bytes(config_changes(saved, cfg, unfilled_ok=unfilled_ok), run_dir)
     kept = f"config.step-{step:08d}.yaml"
     if changes and not u.allow_config_change:
         lines = "\n".join(f"  {k}: {_fmt(old)} -> {_fmt(new)}" for k, (old, new) in changes.items())
@@ -603,16 +607,22 @@ def plan_start(cfg, *, unfilled_ok: bool = False) -> RunStart:
 SAME_BYTES_KEYS = ("model.path", "data.train", "data.val")
 
 
-def _drop_same_bytes(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
-    """changes without the SAME_BYTES_KEYS whose old and new path both exist and hold the same bytes:
-    a model folder by its shipped SHA256SUMS (a folder without one, or an old path that is gone, stays
-    a change), a file by its sha256."""
+def _drop_same_bytes(changes: dict[str, tuple[Any, Any]], run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """changes without the SAME_BYTES_KEYS whose old and new path hold the same bytes: a model folder
+    by its shipped SHA256SUMS when both exist, by the sha256 the run recorded for the old one
+    (PROVENANCE) when it is gone; a data file by its sha256 when both exist. Anything else stays a
+    change."""
     from vppo.bases import SUMS, sha256_file
 
-    def same(old: Any, new: Any) -> bool:
+    def same(key: str, old: Any, new: Any) -> bool:
         if not (isinstance(old, str) and isinstance(new, str)):
             return False
         a, b = Path(old).expanduser(), Path(new).expanduser()
+        if key == "model.path" and not a.exists() and b.is_dir():
+            from vppo.provenance import model_hashes
+
+            recorded = _recorded_base(run_dir, old)
+            return recorded is not None and recorded == model_hashes(b)["combined"]
         if a.is_dir() and b.is_dir():
             return (
                 (a / SUMS).is_file()
@@ -623,7 +633,7 @@ def _drop_same_bytes(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any
             return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
         return False
 
-    kept = {k: v for k, v in changes.items() if not (k in SAME_BYTES_KEYS and same(*v))}
+    kept = {k: v for k, v in changes.items() if not (k in SAME_BYTES_KEYS and same(k, *v))}
     for k in changes.keys() - kept.keys():
         log.info("resume: %s moved (%s -> %s), same bytes: not a change", k, *changes[k])
     return kept
@@ -676,6 +686,7 @@ def open_run(cfg, rank: int, fill_defaults: Callable[[Any], None] | None = None)
         names = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
         if cfg.run.overwrite:
             names += [p.name for p in run_dir.glob("config.step-*.yaml")]
+            names += [PROVENANCE] if (run_dir / PROVENANCE).exists() else []
         else:  # auto, no checkpoint, same config (or only these): a start that died before its first save
             names = [n for n in ("metrics.jsonl", "tb", "curves.png", "spotlight") if n in names]
         for n in names:
@@ -697,4 +708,31 @@ def open_run(cfg, rank: int, fill_defaults: Callable[[Any], None] | None = None)
                     start.step, lines, start.previous_config)  # fmt: skip
     if rank == 0:
         save_resolved(cfg, run_dir)
+        record_start(run_dir, cfg.model.path, start.step)
     return start
+
+
+def record_start(run_dir: Path, model_path: str | None, step: int) -> dict:
+    """Append this start's line to run_dir/PROVENANCE (see there); the model folder's hashes are
+    remembered by size and mtime in run_dir/.model_hashes.json, so a resume does not read it again."""
+    from vppo.provenance import model_hashes, package_versions
+
+    base = {"path": model_path, "sha256": None}
+    if model_path is not None:
+        base["sha256"] = model_hashes(model_path, memo=run_dir / ".model_hashes.json")["combined"]
+    line = {"step": step, "time": time.time(), "base": base, "packages": package_versions()}
+    with open(run_dir / PROVENANCE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return line
+
+
+def _recorded_base(run_dir: Path, model_path: str) -> str | None:
+    """The sha256 the newest start of the run in run_dir recorded for the base at model_path."""
+    found = None
+    with contextlib.suppress(OSError):
+        for row in (run_dir / PROVENANCE).read_text().splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                base = json.loads(row).get("base") or {}
+                if base.get("path") == model_path and base.get("sha256"):
+                    found = base["sha256"]
+    return found
