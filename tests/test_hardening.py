@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -709,3 +710,35 @@ def test_supported_transformers_range_is_pinned_and_installed():
     assert spec.contains(gold["transformers"]), (
         f"the golden file was made with transformers {gold['transformers']}"
     )
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_ranks_train_a_set_that_mixes_text_only_and_image_problems(assets, tmp_path, zero):
+    """One image problem among seven text-only ones, 2 prompts per rank per step: in one step a rank
+    has no image while the other has one. Before vision_in_every_pass, ZeRO-2 (gradient reductions)
+    and ZeRO-3 (parameter gathers) waited on the tower's collectives on one rank only, and the run
+    died (gloo: connection reset); now both ranks run the tower in every pass and the run finishes."""
+    import pandas as pd
+
+    model, synth = assets
+    rows = pd.read_parquet(synth / "train.parquet")
+    for i in range(1, len(rows)):
+        rows.at[i, "problem"] = rows.at[i, "problem"].replace("<image>", "")
+        rows.at[i, "images"] = None
+    (tmp_path / "data").mkdir()
+    rows.to_parquet(tmp_path / "data" / "train.parquet")
+    mixed = (model, tmp_path / "data")
+    val = f"data.val={synth / 'val.parquet'}"
+    run = tmp_path / "run"
+    ov = [*train_overrides(mixed, run, "train.total_steps=2", f"train.deepspeed=configs/ds_{zero}.json"), val]
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+           "-m", "vppo.train", *ov]  # fmt: skip
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    steps = [r.get("step") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert {1, 2} <= set(steps) and max(steps) == 2

@@ -175,3 +175,61 @@ def test_load_policy_freezes_the_familys_vision_tower_and_applies_its_liger_patc
         assert f"apply_liger_kernel_to_{name}" in str(e) and "transformers" in str(e), e
     else:
         assert "Liger" in type(hf.model.language_model.norm).__name__
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vision_in_every_pass_changes_no_output_and_runs_the_tower_without_an_image(name, tmp_path):
+    """vision_in_every_pass (installed with several ranks): with images, the hidden states, their
+    gradients and greedy generations are those of the plain model, bitwise; without an image the
+    tower runs once per forward on the family's dummy image, every vision parameter gets a gradient
+    (zero) and nothing else changes; a decoding step with a filled cache runs no tower."""
+    import copy
+    import dataclasses
+
+    from helpers import make_micro_model, make_synth
+    from transformers import AutoModelForImageTextToText
+
+    from vppo import data as vdata
+    from vppo.model import vision_in_every_pass
+    from vppo.models import family
+    from vppo.rollout import response_hidden
+
+    path = make_micro_model(tmp_path / "m", family=name)
+    synth = make_synth(tmp_path / "s", n_train=2, n_val=2, n_test=2)
+    proc = vdata.load_processor(path)
+    probs = list(vdata.load_problems(synth / "train.parquet", processor=proc))[:2]
+    text_only = [dataclasses.replace(p, problem=p.problem.replace("<image>", ""), images=(), image_sizes=())
+                 for p in probs]  # fmt: skip
+    plain = AutoModelForImageTextToText.from_pretrained(path).eval()
+    hooked = copy.deepcopy(plain)
+    vision_in_every_pass(hooked)
+    calls = []
+    family(name).vision_tower(hooked).register_forward_hook(lambda *a: calls.append(1))
+
+    for batch, images in ((probs, True), (text_only, False)):
+        inputs = dict(vdata.encode_prompts(batch, proc))
+        assert ("pixel_values" in inputs) is images
+        grads = []
+        for model in (plain, hooked):
+            model.zero_grad()
+            h = response_hidden(model, inputs, 4)
+            h.pow(2).sum().backward()
+            grads.append({k: p.grad for k, p in model.named_parameters()})
+            if model is plain:
+                want = h.detach()
+        assert torch.equal(h.detach(), want)
+        tower = {k for k in grads[0] if k.startswith("model.visual.")}
+        assert tower and all(grads[1][k] is not None for k in tower)
+        for k, g in grads[0].items():
+            if g is None and k in tower:  # without an image: none in the plain model, zero here
+                assert not images and torch.count_nonzero(grads[1][k]) == 0, k
+            else:  # lm_head: unused by response_hidden, None in both
+                assert (g is None and grads[1][k] is None) or torch.equal(grads[1][k], g), k
+        assert sum(calls) == 1  # one tower pass, real or dummy
+        calls.clear()
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)
+        with torch.no_grad():
+            a, b = plain.generate(**inputs, **gen), hooked.generate(**inputs, **gen)
+        assert torch.equal(a, b) and b.shape[1] == inputs["input_ids"].shape[1] + 4
+        assert sum(calls) == 1  # the prefill only
+        calls.clear()

@@ -96,6 +96,57 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def _tensors(x) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output, tuple, list or dict."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    return [t for v in x for t in _tensors(v)] if isinstance(x, (list, tuple)) else []
+
+
+def vision_in_every_pass(hf: nn.Module) -> None:
+    """Make every forward of hf's base model run the vision tower first, on every rank, so that
+    ranks whose batches differ in images still make the same collective calls:
+
+    - a batch with images: their features are computed before the base model's forward (and handed
+      to it as `mm_encoder_outputs`, which is what it would compute from `pixel_values` itself), so
+      the tower runs before the embeddings on every path (generate's prefill, scoring, the update);
+    - a batch without images (a text-only problem): the tower runs on the family's `dummy_image`
+      and 0 x the sum of its outputs is added to the hidden states, which leaves them as they are
+      and gives every vision parameter a gradient (zero).
+
+    Without it, under DeepSpeed ZeRO-3 a rank without an image skips the tower's parameter gathers
+    and under ZeRO-2 its gradient reductions, while the other ranks wait in them: the run fails or
+    hangs. A decoding step after the prefill (a filled cache) runs no tower on any rank."""
+    fam, base = family_of(hf), hf.model
+    pending: list[torch.Tensor] = []
+
+    def before(module, args, kwargs):
+        if args or kwargs.get("pixel_values_videos") is not None:
+            return None  # positional calls and videos: not a path of this project
+        cache = kwargs.get("past_key_values")
+        prefill = cache is None or cache.get_seq_length() == 0
+        pix, enc = kwargs.get("pixel_values"), kwargs.get("mm_encoder_outputs")
+        if pix is not None and not (enc or {}).get("image"):
+            grid = kwargs["image_grid_thw"]
+            feats = module.get_image_features(pix, grid, return_dict=True)
+            kwargs = {**kwargs, "pixel_values": None, "mm_encoder_outputs": {**(enc or {}), "image": feats}}
+        elif pix is None and not (enc or {}).get("image") and prefill:
+            feats = module.get_image_features(*fam.dummy_image(hf), return_dict=True)
+            pending.append(sum(t.float().sum() for t in _tensors(feats)) * 0.0)
+        return args, kwargs
+
+    def after(module, args, kwargs, out):
+        if pending:
+            zero = pending.pop()
+            out.last_hidden_state = out.last_hidden_state + zero.to(out.last_hidden_state.dtype)
+        return out
+
+    base.register_forward_pre_hook(before, with_kwargs=True)
+    base.register_forward_hook(after, with_kwargs=True)
+
+
 def load_policy(cfg: Config) -> nn.Module:
     """The Hugging Face model of cfg.model (local files only), its lm_head a FusedLMHead; the
     family-specific pieces (Liger patch, vision tower) from its `vppo.models` family; with
@@ -118,6 +169,8 @@ def load_policy(cfg: Config) -> nn.Module:
         for p in fam.vision_tower(hf).parameters():
             p.requires_grad_(False)
     FusedLMHead.replace(hf)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: left as it is (bitwise)
+        vision_in_every_pass(hf)
     if torch.cuda.is_available():
         hf.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return hf

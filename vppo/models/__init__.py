@@ -22,7 +22,9 @@ checkpoint's `model_type`. Every abstract method below is a piece the rest of th
 Plain attributes: `model_type`, `hf_class` / `processor_class` (transformers class names), `patch` /
 `merge` (the vision patch in pixels and the spatial merge: the perturbation's grid is patch * merge),
 the special token names the rollout and the vLLM engine use (`vision_start_token`, `image_pad_token`).
-Adding a family: one module here (subclass, fill every piece, `@register`), an import at the bottom
+`dummy_image` (the smallest image the vision tower takes, which a rank without an image runs) is
+derived from the vision config and `patch` / `merge`; a family whose tower takes another layout
+overrides it. Adding a family: one module here (subclass, fill every piece, `@register`), an import at the bottom
 of this file, and its name in the parametrised tests (tests/helpers.FAMILIES).
 """
 
@@ -77,6 +79,17 @@ class Family(abc.ABC):
     def grid(self) -> int:
         """Side of one image token's cell in pixels: images are resized to multiples of it."""
         return self.patch * self.merge
+
+    def dummy_image(self, hf: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values, image_grid_thw) of the smallest image the vision tower takes: one frame
+        of merge x merge patches, all zeros, on the tower's device and dtype. A rank whose batch has
+        no image runs it (vppo.model.vision_in_every_pass), so that every rank runs the tower."""
+        vc = hf.config.vision_config
+        tp = vc.temporal_patch_size if isinstance(vc.temporal_patch_size, int) else vc.temporal_patch_size[0]
+        w = next(self.vision_tower(hf).parameters())
+        n, width = self.merge * self.merge, vc.in_channels * tp * self.patch * self.patch
+        pixels = torch.zeros(n, width, device=w.device, dtype=w.dtype)
+        return pixels, torch.tensor([[1, self.merge, self.merge]], device=w.device)
 
     @abc.abstractmethod
     def rope_positions(self, hf: nn.Module, inputs: dict) -> torch.Tensor:
