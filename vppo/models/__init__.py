@@ -24,8 +24,8 @@ Plain attributes: `model_type`, `hf_class` / `processor_class` (transformers cla
 the special token names the rollout and the vLLM engine use (`vision_start_token`, `image_pad_token`).
 `dummy_image` (the smallest image the vision tower takes, which a rank without an image runs) is
 derived from the vision config and `patch` / `merge`; a family whose tower takes another layout
-overrides it. Adding a family: one module here (subclass, fill every piece, `@register`), an import at the bottom
-of this file, and its name in the parametrised tests (tests/helpers.FAMILIES).
+overrides it. Adding a family: one module here (subclass, fill every piece, `@register`), an
+import at the bottom of this file, and its name in the parametrised tests (tests/helpers.FAMILIES).
 """
 
 from __future__ import annotations
