@@ -457,6 +457,9 @@ def test_truncated_importance_sampling_weights_the_policy_term_by_min_ratio_cap(
         policy_loss(logp.detach(), old, adv, None, valid, cfg)
     with pytest.raises(ValueError, match="tis_cap"):
         LossConfig(tis_cap=0.0)
+    with pytest.raises(ValueError, match="tis_cap must be >= 1"):  # before, accepted here (not in config)
+        LossConfig(tis_cap=0.5)
+    assert LossConfig(tis_cap=1.0).tis_cap == 1.0
 
 
 def test_tis_cap_needs_the_vllm_engine_at_temperature_one():

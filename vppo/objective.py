@@ -55,7 +55,8 @@ class LossConfig:
     logratio_clamp: log(pi/pi_old) and the k3 log-ratio are clamped to +-this before exp.
     tis_cap: truncated importance sampling of the policy term for a sampling engine whose
         probabilities differ from the trainer's: each token's surrogate is weighted by
-        min(pi_old / pi_sampler, tis_cap) (no gradient through the weight). None = off, as released.
+        min(pi_old / pi_sampler, tis_cap) (no gradient through the weight), tis_cap >= 1. None = off,
+        as released.
     """
 
     clip_low: float = 0.2
@@ -88,8 +89,8 @@ class LossConfig:
         finite("kl_coef", 0.0)
         finite("kl_clamp", 0.0, lo_open=True)
         finite("logratio_clamp", 0.0, lo_open=True)
-        if self.tis_cap is not None:
-            finite("tis_cap", 0.0, lo_open=True)
+        if self.tis_cap is not None:  # below 1 it would down-weight tokens where the two engines agree
+            finite("tis_cap", 1.0)
         for name, allowed in (
             ("entropy_mode", ENTROPY_MODES),
             ("loss_agg", LOSS_AGGS),
