@@ -213,3 +213,27 @@ def test_two_gloo_ranks_with_a_token_budget_log_the_one_process_statistics(asset
     assert len(two["steps"]) == len(one["steps"]) == 2
     for s, r in zip(two["steps"], one["steps"]):
         _assert_same(s, r, "2 ranks vs 1")
+
+
+def test_the_sampling_engine_numbers_are_the_whole_steps_over_ranks():
+    """push_seconds is the slowest rank's push, rollout_tokens_per_second every rank's tokens over the
+    slowest rank's generation time (before, both were rank 0's own). Two ranks, simulated: rank 0
+    pushed in 2 s and generated 300 tokens in 3 s, rank 1 in 5 s and 100 tokens in 1 s."""
+    from vppo.sampling import engine_stats
+
+    other = {
+        "max": torch.tensor([5.0, 1.0], dtype=torch.float64),
+        "sum": torch.tensor([100.0], dtype=torch.float64),
+    }
+
+    def two_ranks(t, op):
+        return torch.maximum(t, other["max"]) if op == "max" else t + other["sum"]
+
+    assert engine_stats(2.0, 3.0, 300, reduce=two_ranks) == {
+        "push_seconds": 5.0,
+        "rollout_tokens_per_second": 400 / 3,
+    }
+    assert engine_stats(2.0, 3.0, 300) == {
+        "push_seconds": 2.0,
+        "rollout_tokens_per_second": 100.0,
+    }  # one process

@@ -15,7 +15,7 @@ import torch
 
 from vppo.config import Config
 from vppo.data import encode_prompts
-from vppo.distributed import max_over_ranks, mean_over_ranks
+from vppo.distributed import all_reduce, max_over_ranks, mean_over_ranks
 from vppo.rollout import GenSettings, generate
 from vppo.tokens import TokenIds
 from vppo.trajectory import Trajectory, concat
@@ -52,7 +52,7 @@ class SampleInfo:
     kept_groups: int
     dropped_groups: int
     grader: dict
-    engine: dict = field(default_factory=dict)  # vllm engine only: push time, rollout tokens/s
+    engine: dict = field(default_factory=dict)  # vllm engine only: engine_stats (all ranks)
 
 
 def sample_batch(
@@ -69,7 +69,7 @@ def sample_batch(
     The vllm engine gets `hf`'s weights before sampling and sleeps after it.
     """
     r = cfg.rollout
-    eng_stats = {"push_seconds": engine.push(hf).seconds} if engine is not None else {}
+    push_s = engine.push(hf).seconds if engine is not None else 0.0
     t_gen, gen_tokens = 0.0, 0
     quota = r.rollout_batch_size // world
     kept: list[Trajectory] = []
@@ -116,10 +116,22 @@ def sample_batch(
         tries += 1
     traj = concat(kept, ids.pad)
     traj.group = torch.arange(len(traj)) // r.n
+    eng_stats = {}
     if engine is not None:
         engine.sleep()
-        eng_stats["rollout_tokens_per_second"] = gen_tokens / max(t_gen, 1e-9)
+        eng_stats = engine_stats(push_s, t_gen, gen_tokens)
     return traj, SampleInfo(tries, have, dropped, stats, eng_stats)
+
+
+def engine_stats(push_s: float, gen_s: float, tokens: int, reduce=all_reduce) -> dict[str, float]:
+    """The sampling engine's numbers of a step over all ranks: the slowest rank's weight push, and
+    every rank's generated tokens over the slowest rank's generation time (the step waits for it)."""
+    slowest = reduce(torch.tensor([push_s, gen_s], dtype=torch.float64), "max")
+    total = reduce(torch.tensor([float(tokens)], dtype=torch.float64), "sum")
+    return {
+        "push_seconds": float(slowest[0]),
+        "rollout_tokens_per_second": float(total[0] / max(slowest[1], 1e-9)),
+    }
 
 
 def sampling_engine(cfg: Config, processor, ids: TokenIds, rank: int = 0, world: int = 1):
