@@ -10,7 +10,7 @@ card calls the second "7BUntrained" and labels only half of the rows). 38,870 ro
 The images ship as `images.zip`, whose members carry the same `images/...` names; the card says to
 unzip it. Here an image path is taken from the folder of the parquet file (or data.image_dir) when
 that file exists, else read straight from a `.zip` archive in that folder without extracting it
-(vppo.data.ZipMember); a path found in neither is a broken row naming the path and the archives
+(vppo.images.ZipMember); a path found in neither is a broken row naming the path and the archives
 searched, and a source whose every image is missing stops the load (a lost modality, not a
 warning).
 
