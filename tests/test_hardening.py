@@ -466,22 +466,25 @@ def _check_export(assets, out: Path):
     assert float((init - want).abs().max()) > 1e-4  # the export holds trained weights, not the base
 
 
-def _export_run(assets, out, nproc, *extra):
-    ov = train_overrides(assets, out, "train.total_steps=1", "run.export_hf=true", *extra)
+def _train(nproc, overrides):
+    """`python -m vppo.train` with these overrides, on nproc gloo ranks (torch.distributed.run);
+    asserts that it exits 0."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "vppo.train", *ov]
+        cmd = [sys.executable, "-m", "vppo.train", *overrides]
     else:
-        import socket
-
         with socket.socket() as sock:  # a free loopback port for the rendezvous
             sock.bind(("127.0.0.1", 0))
             port = str(sock.getsockname()[1])
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port", port, "-m", "vppo.train", *ov]  # fmt: skip
+               "--master_port", port, "-m", "vppo.train", *overrides]  # fmt: skip
     p = subprocess.run(
         cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _export_run(assets, out, nproc, *extra):
+    _train(nproc, train_overrides(assets, out, "train.total_steps=1", "run.export_hf=true", *extra))
 
 
 def test_export_from_one_process_loads_and_matches_the_training_logits(assets, tmp_path):
@@ -734,15 +737,7 @@ def test_two_ranks_train_a_set_that_mixes_text_only_and_image_problems(assets, t
     mixed = (model, tmp_path / "data")
     val = f"data.val={synth / 'val.parquet'}"
     run = tmp_path / "run"
-    ov = [*train_overrides(mixed, run, "train.total_steps=2", f"train.deepspeed=configs/ds_{zero}.json"), val]
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-           "-m", "vppo.train", *ov]  # fmt: skip
-    p = subprocess.run(
-        cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ov = train_overrides(mixed, run, "train.total_steps=2", f"train.deepspeed=configs/ds_{zero}.json")
+    _train(2, [*ov, val])
     steps = [r.get("step") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert {1, 2} <= set(steps) and max(steps) == 2
